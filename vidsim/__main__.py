@@ -1,0 +1,5 @@
+import sys
+
+from vidsim.cli import main
+
+sys.exit(main())

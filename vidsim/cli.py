@@ -1,0 +1,155 @@
+"""The `vidsim` command: one subcommand per stage (DESIGN.md, "Command line").
+
+Each subcommand is a function `run_<name>(args, config)` in the module that does the
+work; this file only parses arguments, loads the config and maps errors to exit
+codes: 0 done, 2 bad usage/config/input (UsageError), 1 anything else.
+"""
+
+import argparse
+import importlib
+import sys
+
+from vidsim import config as config_lib
+from vidsim.errors import UsageError
+from vidsim.log import get_logger
+
+log = get_logger()
+
+
+def _add_config_arg(p, required=True):
+  p.add_argument("--config", required=required, help="experiment file, e.g. experiments/digits_demo.py")
+
+
+def _add_workdir_arg(p, required=True):
+  p.add_argument("--workdir", required=required, help="run directory: checkpoints, metrics, samples")
+
+
+def _config_cmd(sub):
+  p = sub.add_parser("config", help="print the resolved config (JSON)")
+  _add_config_arg(p)
+  return p
+
+
+def _data_cmd(sub):
+  p = sub.add_parser("data", help="build or look at the datasets a config names")
+  p.add_argument("action", choices=["prepare", "inspect"])
+  _add_config_arg(p)
+  p.add_argument("--out", default="", help="inspect: contact sheet PNG path")
+  p.add_argument("--split", default="", help="inspect: split to look at (default: the train split)")
+  return p
+
+
+def _train_vae_cmd(sub):
+  p = sub.add_parser("train-vae", help="stage 1: train the video VAE")
+  _add_config_arg(p)
+  _add_workdir_arg(p)
+  return p
+
+
+def _encode_cmd(sub):
+  p = sub.add_parser("encode", help="build the latent cache with the trained VAE (resumable)")
+  _add_config_arg(p)
+  _add_workdir_arg(p)
+  return p
+
+
+def _train_cmd(sub):
+  p = sub.add_parser("train", help="stage 2: train the DiT on the latent cache")
+  _add_config_arg(p)
+  _add_workdir_arg(p)
+  return p
+
+
+def _demo_cmd(sub):
+  p = sub.add_parser("demo", help="every built stage, end to end, on the embedded world")
+  p.add_argument("--config", default="", help="experiment file (default: experiments/digits_demo.py)")
+  p.add_argument("--workdir", default="runs/demo", help="run directory (default: runs/demo)")
+  return p
+
+
+def _bench_cmd(sub):
+  p = sub.add_parser("bench", help="benchmarks: writes a JSON report")
+  p.add_argument("what", help="which benchmark (see docs/benchmarks.md)")
+  _add_config_arg(p)
+  p.add_argument("--out", default="", help="JSON report path")
+  return p
+
+
+# name -> (parser builder, "module:function"). A subcommand is listed once it works.
+COMMANDS = {
+    "config": (_config_cmd, "vidsim.cli:run_config"),
+    "data": (_data_cmd, "vidsim.data.commands:run_data"),
+    "train-vae": (_train_vae_cmd, "vidsim.train.vae_loop:run_train_vae"),
+    "encode": (_encode_cmd, "vidsim.latents:run_encode"),
+    "train": (_train_cmd, "vidsim.train.dit_loop:run_train"),
+    "bench": (_bench_cmd, "vidsim.bench:run_bench"),
+    "demo": (_demo_cmd, "vidsim.demo:run_demo"),
+}
+
+
+def _available_commands():
+  """Commands whose module exists in this checkout (later issues add theirs)."""
+  names = []
+  for name, (_, target) in COMMANDS.items():
+    module = target.split(":")[0]
+    if importlib.util.find_spec(module) is not None:
+      names.append(name)
+  return names
+
+
+def build_parser():
+  parser = argparse.ArgumentParser(
+      prog="vidsim",
+      description="Pretrain Sora-style video generation models in JAX. "
+      "Config overrides: --config.KEY=VALUE (e.g. --config.dit.depth=4).",
+  )
+  sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+  for name in _available_commands():
+    COMMANDS[name][0](sub)
+  return parser
+
+
+def parse(argv):
+  """Splits `--config.K=V` overrides off, then parses the rest with argparse."""
+  overrides = [a for a in argv if a.startswith("--config.")]
+  rest = [a for a in argv if not a.startswith("--config.")]
+  parser = build_parser()
+  args = parser.parse_args(rest)
+  if not args.command:
+    parser.print_help()
+    raise SystemExit(2)
+  return args, overrides
+
+
+def load_args_config(args, overrides):
+  path = getattr(args, "config", "")
+  if not path:
+    return None
+  return config_lib.load_config(path, overrides)
+
+
+def run_config(args, config):
+  print(config_lib.to_json(config))
+
+
+def main(argv=None):
+  argv = sys.argv[1:] if argv is None else argv
+  try:
+    args, overrides = parse(argv)
+    config = load_args_config(args, overrides)
+    if overrides and config is None:
+      raise UsageError("--config.KEY=VALUE overrides need --config FILE")
+    module_name, function_name = COMMANDS[args.command][1].split(":")
+    run = getattr(importlib.import_module(module_name), function_name)
+    run(args, config)
+  except UsageError as e:
+    print(f"vidsim: error: {e}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print("vidsim: interrupted", file=sys.stderr)
+    return 130
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

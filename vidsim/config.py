@@ -1,0 +1,379 @@
+"""The base config and the loader for experiment files and command-line overrides.
+
+Every key vidsim reads is defined here, once, with a default and a one-line comment.
+Experiment files (`experiments/*.py`) start from `base_config()` and only override;
+the returned ConfigDict is locked, so a mistyped key is an error, not a new key.
+
+Command line (same syntax as ml_collections.config_flags):
+  --config experiments/x.py --config.dit.depth=4 --config.mesh.ici.fsdp=2
+"""
+
+import ast
+import difflib
+import importlib.util
+import json
+import os
+
+from ml_collections import ConfigDict
+
+from vidsim.errors import UsageError
+
+# Mesh axes, in mesh order. ICI axes inside a slice, the same names over DCN.
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")
+
+
+def base_config() -> ConfigDict:
+  """Every key with its default. Sections: mesh, distributed, data, moving_digits,
+  video_folder, vae, vae_train, encode, dit, text, flow, train, sample, eval, bench."""
+  c = ConfigDict()
+  c.seed = 0  # Seed for parameters, data order and noise; runs with one seed repeat exactly.
+  c.init_from = ""  # Checkpoint dir to load model weights from (weights only; resume wins).
+
+  # ---------------------------------------------------------------- mesh
+  c.mesh = ConfigDict()
+  c.mesh.ici = ConfigDict(dict(data=-1, fsdp=1, sequence=1, tensor=1))  # Axis sizes in a slice; -1 fills.
+  c.mesh.dcn = ConfigDict(dict(data=1, fsdp=1, sequence=1, tensor=1))  # Axis sizes across slices.
+  # Logical axis name -> mesh axes (a tuple; () replicates). One table for every model.
+  c.mesh.rules = ConfigDict(
+      dict(
+          batch=("data", "fsdp"),  # Examples / packed rows.
+          length=("sequence",),  # Tokens within a row.
+          embed=("fsdp",),  # Model width: params are fsdp-sharded along it.
+          mlp=("tensor",),  # MLP hidden units.
+          heads=("tensor",),  # Attention heads.
+          kv=(),  # Per-head features.
+          layers=(),  # The stacked axis of scanned blocks.
+          vocab=(),  # Byte vocabulary of the text encoder.
+          text_length=(),  # Text tokens.
+          conv_in=(),  # VAE conv input channels.
+          conv_out=("fsdp",),  # VAE conv output channels.
+          norm=(),  # Norm scales and biases.
+      )
+  )
+
+  # ---------------------------------------------------------------- distributed
+  c.distributed = ConfigDict()
+  c.distributed.coordinator_address = ""  # host:port of process 0; '' = env VIDSIM_COORDINATOR or auto.
+  c.distributed.num_processes = 0  # 0 = env VIDSIM_NUM_PROCESSES or auto (1 unless on TPU).
+  c.distributed.process_id = -1  # -1 = env VIDSIM_PROCESS_ID or auto.
+  c.distributed.cpu_collectives = "gloo"  # CPU collectives across processes: gloo | mpi.
+  c.distributed.initialization_timeout_s = 300  # Give up on a missing peer after this.
+
+  # ---------------------------------------------------------------- data (pixels)
+  c.data = ConfigDict()
+  c.data.builder = "moving_digits"  # TFDS builder: moving_digits | video_folder.
+  c.data.builder_config = "mixed"  # Builder config, e.g. moving_digits: fixed | mixed | images | occlusion.
+  c.data.data_dir = ""  # TFDS data_dir; '' = env VIDSIM_DATA_DIR or ~/.cache/vidsim/datasets.
+  c.data.train_split = "train"  # Split the training stages read.
+  c.data.eval_split = "validation"  # Split evaluation and validation metrics read.
+  # (frames, height, width) buckets; clips go to the nearest by aspect, area and duration.
+  c.data.buckets = ((9, 32, 32), (9, 24, 40), (9, 40, 24), (1, 32, 32), (1, 24, 40), (1, 40, 24))
+  c.data.batch_size = 16  # Global clips per batch for the largest bucket; smaller buckets get more.
+  c.data.max_batch_multiplier = 8  # Cap on how many times batch_size a small bucket (an image) gets.
+  c.data.worker_count = 0  # grain decode worker processes (0 = in the main process).
+  c.data.prefetch = 2  # Batches prefetched per worker.
+  c.data.shuffle = True  # Shuffle per epoch from (seed, epoch).
+
+  # ---------------------------------------------------------------- moving_digits world
+  c.moving_digits = ConfigDict()
+  c.moving_digits.train_examples = 2000  # Examples in the train split.
+  c.moving_digits.eval_examples = 200  # Examples in the validation and test splits.
+
+  # ---------------------------------------------------------------- video_folder
+  c.video_folder = ConfigDict()
+  c.video_folder.path = ""  # Folder of videos and images (searched recursively).
+  c.video_folder.captions = "captions.jsonl"  # JSONL sidecar in the folder: {"file", "caption"}.
+  c.video_folder.max_frames = 33  # Clips hold at most this many frames.
+  c.video_folder.fps = 8.0  # Clips are resampled to this frame rate.
+  c.video_folder.max_area = 128 * 128  # Frames larger than this many pixels are downscaled.
+  c.video_folder.validation_fraction = 0.05  # Share of files held out for validation.
+
+  # ---------------------------------------------------------------- VAE model
+  c.vae = ConfigDict()
+  c.vae.temporal_compression = 4  # ct: T frames -> 1 + (T-1)/ct latent frames (1, 2, 4).
+  c.vae.spatial_compression = 4  # cs: H, W -> H/cs, W/cs (4, 8, 16).
+  c.vae.latent_channels = 4  # Channels of the latent grid.
+  c.vae.widths = (32, 64, 64)  # Channels per resolution level (len = log2(cs) + 1).
+  c.vae.blocks_per_level = 1  # Residual blocks per level.
+  c.vae.attention = False  # Self-attention at the lowest level.
+  c.vae.dtype = "float32"  # Compute dtype: float32 | bfloat16 (params stay float32).
+
+  # ---------------------------------------------------------------- VAE training
+  c.vae_train = ConfigDict()
+  c.vae_train.steps = 2000  # Optimizer steps.
+  c.vae_train.learning_rate = 1e-3  # Peak learning rate.
+  c.vae_train.warmup_steps = 100  # Linear warmup steps.
+  c.vae_train.weight_decay = 0.0  # AdamW weight decay.
+  c.vae_train.grad_clip = 1.0  # Global-norm gradient clipping (0 = off).
+  c.vae_train.recon_loss = "l1"  # Reconstruction loss: l1 | l2.
+  c.vae_train.kl_weight = 1e-6  # beta: weight of the KL term.
+  c.vae_train.frame_diff_weight = 0.0  # Weight of the temporal frame-difference term (0 = off).
+  c.vae_train.ema_decay = 0.999  # EMA of weights (0 = off).
+  c.vae_train.log_every = 20  # Steps between metrics lines.
+  c.vae_train.checkpoint_every = 200  # Steps between checkpoints.
+  c.vae_train.recon_every = 500  # Steps between reconstruction videos.
+
+  # ---------------------------------------------------------------- latent cache
+  c.encode = ConfigDict()
+  c.encode.examples_per_shard = 256  # Examples per ArrayRecord shard of the latent cache.
+  c.encode.batch_size = 16  # Clips per encode batch (global).
+  c.encode.splits = ("train", "validation")  # Splits to encode.
+  c.encode.tile_frames = 0  # Temporal chunk for tiled encode (0 = untiled).
+  c.encode.tile_size = 0  # Spatial tile for tiled encode (0 = untiled).
+
+  # ---------------------------------------------------------------- DiT model
+  c.dit = ConfigDict()
+  c.dit.patch_size = (1, 2, 2)  # (pt, ph, pw) spacetime patch in latent units.
+  c.dit.width = 256  # Model width.
+  c.dit.depth = 6  # Transformer blocks (scanned).
+  c.dit.heads = 4  # Attention heads.
+  c.dit.mlp_ratio = 4.0  # MLP hidden = mlp_ratio * width.
+  c.dit.mlp = "gelu"  # MLP: gelu | swiglu.
+  c.dit.qk_norm = True  # RMS-normalise queries and keys.
+  c.dit.rope_theta = 10000.0  # RoPE base.
+  c.dit.remat = "none"  # Rematerialisation: none | full | dots (save matmul outputs).
+  c.dit.attention_impl = "xla"  # jax.nn.dot_product_attention implementation: xla | cudnn.
+  c.dit.dtype = "float32"  # Compute dtype: float32 | bfloat16 (params stay float32).
+
+  # ---------------------------------------------------------------- text conditioning
+  c.text = ConfigDict()
+  c.text.encoder = "bytes"  # bytes (trainable byte-level transformer) | precomputed (from the cache).
+  c.text.max_length = 64  # Text tokens (bytes) per caption.
+  c.text.width = 128  # Byte encoder width.
+  c.text.depth = 2  # Byte encoder layers.
+  c.text.heads = 4  # Byte encoder heads.
+  c.text.embed_dim = 0  # Precomputed embedding size (0 = read it from the cache).
+  c.text.dropout = 0.1  # Caption dropout probability (learned null embedding, for CFG).
+
+  # ---------------------------------------------------------------- rectified flow
+  c.flow = ConfigDict()
+  c.flow.logit_normal_mean = 0.0  # Timestep logit-normal location.
+  c.flow.logit_normal_std = 1.0  # Timestep logit-normal scale.
+  c.flow.shift_base_tokens = 256  # Tokens at which the timestep shift is 1 (SD3 / Open-Sora 2.0).
+  c.flow.shift_max = 3.0  # Timestep shift cap for the longest sequences.
+  # Conditioning-frame training: probability that a video gets these latent frames clean.
+  c.flow.cond_first_frame = 0.1  # First frame (image-to-video).
+  c.flow.cond_last_frame = 0.05  # Last frame.
+  c.flow.cond_prefix = 0.05  # A prefix (extend forward).
+  c.flow.cond_suffix = 0.05  # A suffix (extend backward).
+  c.flow.cond_both_ends = 0.05  # Both ends (connect, loop).
+
+  # ---------------------------------------------------------------- DiT training
+  c.train = ConfigDict()
+  c.train.steps = 1000  # Optimizer steps.
+  c.train.row_tokens = 256  # Packed row length in patch tokens.
+  c.train.rows_per_batch = 16  # Global packed rows per step.
+  c.train.grad_accum = 1  # Micro-batches per optimizer step.
+  c.train.learning_rate = 3e-4  # Peak learning rate.
+  c.train.warmup_steps = 100  # Linear warmup, then cosine decay.
+  c.train.end_lr_fraction = 0.1  # Final learning rate as a fraction of the peak.
+  c.train.weight_decay = 0.01  # AdamW weight decay.
+  c.train.beta2 = 0.99  # AdamW beta2.
+  c.train.grad_clip = 1.0  # Global-norm gradient clipping (0 = off).
+  c.train.ema_decay = 0.999  # EMA of weights used for sampling (0 = off).
+  c.train.log_every = 20  # Steps between metrics lines.
+  c.train.checkpoint_every = 200  # Steps between checkpoints.
+  c.train.sample_every = 500  # Steps between sample videos (0 = off).
+  c.train.sample_prompts = ("a red 3 moves right", "a blue 7 falls")  # Prompts for periodic samples.
+  c.train.max_nonfinite_steps = 5  # Stop after this many consecutive non-finite steps.
+
+  # ---------------------------------------------------------------- checkpoints
+  c.checkpoint = ConfigDict()
+  c.checkpoint.keep_last = 3  # Keep the newest N checkpoints ...
+  c.checkpoint.keep_every = 0  # ... plus every K-th step (0 = none).
+  c.checkpoint.async_save = True  # Save in the background while training goes on.
+
+  # ---------------------------------------------------------------- sampling
+  c.sample = ConfigDict()
+  c.sample.steps = 30  # ODE steps.
+  c.sample.sampler = "euler"  # euler | heun.
+  c.sample.guidance = 4.0  # Classifier-free guidance scale (1 = off).
+  c.sample.frames = 9  # Output frames.
+  c.sample.height = 32  # Output height in pixels.
+  c.sample.width = 32  # Output width in pixels.
+  c.sample.fps = 8.0  # Output frame rate.
+
+  # ---------------------------------------------------------------- benchmarks
+  c.bench = ConfigDict()
+  c.bench.steps = 5  # Timed steps per benchmark (after warmup).
+  c.bench.warmup = 2  # Untimed steps (compilation).
+
+  c.lock()
+  return c
+
+
+# ------------------------------------------------------------------ loading
+
+
+def load_config(path: str, overrides=()) -> ConfigDict:
+  """Loads `get_config()` from an experiment file and applies `--config.K=V` overrides.
+
+  Raises UsageError (exit 2) naming the file, the key and the closest valid keys.
+  """
+  config = _load_file(path)
+  for override in overrides:
+    key, value = _split_override(override)
+    apply_override(config, key, value)
+  return config
+
+
+def _load_file(path: str) -> ConfigDict:
+  if not path:
+    raise UsageError("--config is required: the path of an experiments/*.py file")
+  if not os.path.isfile(path):
+    raise UsageError(f"config file not found: {path}")
+  spec = importlib.util.spec_from_file_location(f"vidsim_experiment_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+  except (AttributeError, KeyError, TypeError) as e:
+    # A locked base config raises these when an experiment sets an unknown key.
+    raise UsageError(f"{path}: {_describe(e)}") from e
+  if not hasattr(module, "get_config"):
+    raise UsageError(f"{path} has no get_config() function")
+  try:
+    config = module.get_config()
+  except (AttributeError, KeyError, TypeError) as e:
+    raise UsageError(f"{path}: get_config() failed: {_describe(e)}") from e
+  if not isinstance(config, ConfigDict):
+    raise UsageError(f"{path}: get_config() must return an ml_collections.ConfigDict")
+  config.lock()
+  return config
+
+
+def _describe(error):
+  return error.args[0] if error.args else repr(error)
+
+
+def _split_override(arg: str):
+  if not arg.startswith("--config."):
+    raise UsageError(f"expected --config.KEY=VALUE, got {arg!r}")
+  body = arg[len("--config.") :]
+  if "=" not in body:
+    raise UsageError(f"override {arg!r} has no '=VALUE'")
+  key, value = body.split("=", 1)
+  return key, value
+
+
+def all_keys(config: ConfigDict, prefix="") -> list:
+  """Every leaf key as a dotted path."""
+  keys = []
+  for name, value in config.items():
+    path = f"{prefix}{name}"
+    if isinstance(value, ConfigDict):
+      keys.extend(all_keys(value, path + "."))
+    else:
+      keys.append(path)
+  return keys
+
+
+def closest_keys(config: ConfigDict, key: str, n=3) -> list:
+  """The valid keys most like `key`: by the whole path, then by the last part."""
+  keys = all_keys(config)
+  by_path = difflib.get_close_matches(key, keys, n=n, cutoff=0.5)
+  leaf = key.rsplit(".", 1)[-1]
+  by_leaf = [k for k in keys if difflib.get_close_matches(leaf, [k.rsplit(".", 1)[-1]], cutoff=0.7)]
+  seen = []
+  for k in by_path + by_leaf:
+    if k not in seen:
+      seen.append(k)
+  return seen[:n]
+
+
+def apply_override(config: ConfigDict, key: str, raw_value: str):
+  """Sets config[key] from a command-line string, parsed by the type of the default."""
+  *parents, leaf = key.split(".")
+  node = config
+  for i, part in enumerate(parents):
+    child = node.get(part) if isinstance(node, ConfigDict) else None
+    if not isinstance(child, ConfigDict):
+      _unknown_key(config, key)
+    node = child
+  if leaf not in node:
+    _unknown_key(config, key)
+  current = node[leaf]
+  if isinstance(current, ConfigDict):
+    raise UsageError(f"config key {key!r} is a section, not a value; its keys: {', '.join(sorted(current.keys()))}")
+  value = _parse_value(key, raw_value, current)
+  try:
+    with node.unlocked():
+      node[leaf] = value
+  except TypeError as e:
+    raise UsageError(f"config key {key!r}: {_describe(e)}") from e
+
+
+def _unknown_key(config, key):
+  close = closest_keys(config, key)
+  hint = f"; closest valid keys: {', '.join(close)}" if close else ""
+  raise UsageError(f"unknown config key {key!r}{hint}")
+
+
+def _parse_value(key, raw, current):
+  expected = type(current)
+  try:
+    if isinstance(current, bool):
+      lowered = raw.strip().lower()
+      if lowered in ("true", "1", "yes"):
+        return True
+      if lowered in ("false", "0", "no"):
+        return False
+      raise ValueError(raw)
+    if isinstance(current, int):
+      return int(raw)
+    if isinstance(current, float):
+      return float(raw)
+    if isinstance(current, str):
+      return raw
+    value = ast.literal_eval(raw)
+    if isinstance(current, tuple) and isinstance(value, (list, tuple)):
+      return tuple(tuple(v) if isinstance(v, list) else v for v in value)
+    if isinstance(current, tuple) and isinstance(value, str):
+      return (value,)
+    if current is None or isinstance(value, expected):
+      return value
+    raise ValueError(raw)
+  except (ValueError, SyntaxError) as e:
+    raise UsageError(
+        f"config key {key!r} expects {expected.__name__} (default {current!r}), got {raw!r}"
+    ) from e
+
+
+def to_json(config: ConfigDict) -> str:
+  """The resolved config as JSON (tuples become lists)."""
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True)
+
+
+def write_config(config: ConfigDict, workdir) -> None:
+  """Writes the resolved config to <workdir>/config.json (every run does this)."""
+  from etils import epath
+
+  path = epath.Path(workdir)
+  path.mkdir(parents=True, exist_ok=True)
+  (path / "config.json").write_text(to_json(config) + "\n")
+
+
+def from_json(text: str) -> ConfigDict:
+  """Rebuilds a config written by `to_json` on top of the base (for eval/sample of a workdir)."""
+  config = base_config()
+  _merge(config, json.loads(text), "")
+  config.lock()
+  return config
+
+
+def _merge(node: ConfigDict, values: dict, prefix: str):
+  for name, value in values.items():
+    if name not in node:
+      raise UsageError(f"saved config has key {prefix}{name!r} that this vidsim does not know")
+    if isinstance(node[name], ConfigDict):
+      _merge(node[name], value, f"{prefix}{name}.")
+    else:
+      if isinstance(node[name], tuple) or isinstance(value, list):
+        value = _to_tuple(value)
+      node[name] = value
+
+
+def _to_tuple(value):
+  if isinstance(value, list):
+    return tuple(_to_tuple(v) for v in value)
+  return value
+

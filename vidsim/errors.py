@@ -1,0 +1,10 @@
+"""Errors that map to exit codes (DESIGN.md: 0 done, 2 bad usage/config/input, 1 other)."""
+
+
+class UsageError(Exception):
+  """Bad usage, config or input. The CLI prints the message and exits with 2.
+
+  The message must name the problem: the file, key, shape, or valid choices.
+  """
+
+  exit_code = 2
