@@ -268,16 +268,21 @@ def all_keys(config: ConfigDict, prefix="") -> list:
 
 
 def closest_keys(config: ConfigDict, key: str, n=3) -> list:
-  """The valid keys most like `key`: by the whole path, then by the last part."""
+  """The valid keys most like `key`: by the whole path, then by the last part
+  (same section first), then the section's own keys."""
   keys = all_keys(config)
-  by_path = difflib.get_close_matches(key, keys, n=n, cutoff=0.5)
+  section = key.rsplit(".", 1)[0] + "." if "." in key else ""
   leaf = key.rsplit(".", 1)[-1]
-  by_leaf = [k for k in keys if difflib.get_close_matches(leaf, [k.rsplit(".", 1)[-1]], cutoff=0.7)]
-  seen = []
-  for k in by_path + by_leaf:
-    if k not in seen:
-      seen.append(k)
-  return seen[:n]
+  by_path = difflib.get_close_matches(key, keys, n=n, cutoff=0.6)
+  leaves = {k: k.rsplit(".", 1)[-1] for k in keys}
+  by_leaf = [k for k in keys if difflib.get_close_matches(leaf, [leaves[k]], cutoff=0.6)]
+  by_leaf.sort(key=lambda k: not k.startswith(section))
+  in_section = [k for k in keys if section and k.startswith(section)]
+  ranked = []
+  for k in by_path + by_leaf + in_section:
+    if k not in ranked:
+      ranked.append(k)
+  return ranked[:n]
 
 
 def apply_override(config: ConfigDict, key: str, raw_value: str):
@@ -304,7 +309,10 @@ def apply_override(config: ConfigDict, key: str, raw_value: str):
 
 def _unknown_key(config, key):
   close = closest_keys(config, key)
-  hint = f"; closest valid keys: {', '.join(close)}" if close else ""
+  if close:
+    hint = f"; closest valid keys: {', '.join(close)}"
+  else:
+    hint = f"; top-level keys and sections: {', '.join(config.keys())}"
   raise UsageError(f"unknown config key {key!r}{hint}")
 
 

@@ -193,7 +193,7 @@ def param_shardings(state, mesh: Mesh, config):
   logical = nnx.get_partition_spec(state)
 
   def to_sharding(leaf):
-    spec = leaf.value if isinstance(leaf, nnx.Variable) else leaf
+    spec = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
     if spec is None:
       spec = PartitionSpec()
     return NamedSharding(mesh, logical_to_mesh_spec(spec, rules))

@@ -1,0 +1,38 @@
+# The README's two commands: `make demo` and `make test`. Both create .venv when it
+# is missing and install what they need, so a machine with only Python and pip works.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: demo test venv venv-test clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# Stamps reinstall only when the package metadata changes.
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@ $(VENV)/.installed
+
+venv: $(VENV)/.installed
+venv-test: $(VENV)/.installed-test
+
+demo: venv
+	$(BIN)/vidsim demo
+
+# pytest exits 5 when it collects nothing: for this suite that means something is
+# broken (a bad -k, an import error at collection), so it fails like any other error.
+test: venv-test
+	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5)"; fi; \
+	exit $$rc
+
+clean:
+	rm -rf $(VENV) .pytest_cache
