@@ -28,6 +28,7 @@ def base_config() -> ConfigDict:
   c = ConfigDict()
   c.seed = 0  # Seed for parameters, data order and noise; runs with one seed repeat exactly.
   c.init_from = ""  # Checkpoint dir to load model weights from (weights only; resume wins).
+  c.peak_flops_per_device = 0.0  # FLOP/s per device for MFU; 0 = known TPU peak, or measured matmul rate on CPU.
 
   # ---------------------------------------------------------------- mesh
   c.mesh = ConfigDict()
@@ -73,11 +74,25 @@ def base_config() -> ConfigDict:
   c.data.worker_count = 0  # grain decode worker processes (0 = in the main process).
   c.data.prefetch = 2  # Batches prefetched per worker.
   c.data.shuffle = True  # Shuffle per epoch from (seed, epoch).
+  c.data.random_crop = True  # Random temporal crop and crop offset (False = first frames, centre crop).
 
   # ---------------------------------------------------------------- moving_digits world
   c.moving_digits = ConfigDict()
   c.moving_digits.train_examples = 2000  # Examples in the train split.
   c.moving_digits.eval_examples = 200  # Examples in the validation and test splits.
+  c.moving_digits.seed = 0  # Render seed; the dataset is a pure function of these keys.
+  c.moving_digits.frames = 9  # Frames per clip (fixed and occlusion configs).
+  c.moving_digits.height = 32  # Frame height in pixels (fixed and occlusion configs).
+  c.moving_digits.width = 32  # Frame width in pixels (fixed and occlusion configs).
+  c.moving_digits.fps = 8.0  # Frame rate stored with each clip.
+  # (frames, height, width) drawn per example by the mixed config; the images config uses (1, h, w).
+  c.moving_digits.mixed_shapes = ((9, 32, 32), (17, 32, 32), (9, 24, 40), (13, 40, 24), (9, 24, 56), (1, 32, 32))
+  c.moving_digits.digit_size = 12  # Side of a digit sprite in pixels (8x8 sklearn digits upscaled).
+  c.moving_digits.max_digits = 2  # Each scene has 1..max_digits digits.
+  c.moving_digits.speed = (0.5, 2.5)  # Range of digit speed in pixels per frame.
+  c.moving_digits.colors = ("red", "green", "blue", "yellow", "cyan", "magenta", "white", "orange")  # Digit colours.
+  c.moving_digits.occlusion_shape = (13, 32, 48)  # (frames, height, width) of occlusion scenes (room to pass behind).
+  c.moving_digits.occluder_width = 14  # Width of the grey bar; >= digit_size so digits can hide fully.
 
   # ---------------------------------------------------------------- video_folder
   c.video_folder = ConfigDict()
@@ -87,6 +102,9 @@ def base_config() -> ConfigDict:
   c.video_folder.fps = 8.0  # Clips are resampled to this frame rate.
   c.video_folder.max_area = 128 * 128  # Frames larger than this many pixels are downscaled.
   c.video_folder.validation_fraction = 0.05  # Share of files held out for validation.
+  c.video_folder.frame_format = "jpeg"  # How frames are stored: jpeg (compact) | png (lossless).
+  c.video_folder.jpeg_quality = 90  # JPEG quality of stored frames.
+  c.video_folder.min_clip_frames = 0  # Drop a video's trailing clip shorter than this (0 = max_frames // 2).
 
   # ---------------------------------------------------------------- VAE model
   c.vae = ConfigDict()
@@ -95,7 +113,9 @@ def base_config() -> ConfigDict:
   c.vae.latent_channels = 4  # Channels of the latent grid.
   c.vae.widths = (32, 64, 64)  # Channels per resolution level (len = log2(cs) + 1).
   c.vae.blocks_per_level = 1  # Residual blocks per level.
-  c.vae.attention = False  # Self-attention at the lowest level.
+  c.vae.attention = False  # Self-attention within each frame at the lowest level.
+  c.vae.spatial_only_levels = 1  # The first N (highest-res) levels use (1,3,3) convs, the rest causal 3x3x3.
+  c.vae.causal_padding = "replicate"  # Front time padding: replicate (copies of frame 0) | zeros.
   c.vae.dtype = "float32"  # Compute dtype: float32 | bfloat16 (params stay float32).
 
   # ---------------------------------------------------------------- VAE training
@@ -106,7 +126,7 @@ def base_config() -> ConfigDict:
   c.vae_train.weight_decay = 0.0  # AdamW weight decay.
   c.vae_train.grad_clip = 1.0  # Global-norm gradient clipping (0 = off).
   c.vae_train.recon_loss = "l1"  # Reconstruction loss: l1 | l2.
-  c.vae_train.kl_weight = 1e-6  # beta: weight of the KL term.
+  c.vae_train.kl_weight = 1e-6  # beta: weight of the KL term (KL averaged per latent element).
   c.vae_train.frame_diff_weight = 0.0  # Weight of the temporal frame-difference term (0 = off).
   c.vae_train.ema_decay = 0.999  # EMA of weights (0 = off).
   c.vae_train.log_every = 20  # Steps between metrics lines.
@@ -162,7 +182,8 @@ def base_config() -> ConfigDict:
   c.train = ConfigDict()
   c.train.steps = 1000  # Optimizer steps.
   c.train.row_tokens = 256  # Packed row length in patch tokens.
-  c.train.rows_per_batch = 16  # Global packed rows per step.
+  c.train.rows_per_batch = 16  # Global packed rows per step (split evenly over processes).
+  c.train.max_segments_per_row = 8  # K: most samples packed into one row (text slots per row).
   c.train.grad_accum = 1  # Micro-batches per optimizer step.
   c.train.learning_rate = 3e-4  # Peak learning rate.
   c.train.warmup_steps = 100  # Linear warmup, then cosine decay.
