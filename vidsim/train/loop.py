@@ -49,6 +49,7 @@ class StageSpec:
   batch_units: Callable  # host-local batch -> dict of counts per step (e.g. clips, tokens).
   every: list = dataclasses.field(default_factory=list)  # [(k, fn(state, step))] periodic hooks.
   before_final_save: Optional[Callable] = None  # state -> state at the last step (e.g. latent stats).
+  summarize_units: Optional[Callable] = None  # summed batch_units since the last log -> extra metrics.
 
 
 class _Preemption:
@@ -130,7 +131,7 @@ def run(spec: StageSpec, config, workdir, mesh):
               "Lower the learning rate or check the data."
           )
         if step % spec.log_every == 0 or step == spec.steps:
-          metrics = _log_row(step_metrics, state, window, peak)
+          metrics = _log_row(step_metrics, state, window, peak, spec.summarize_units)
           metrics_writer.write(step, metrics)
           bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
         for every, hook in spec.every:
@@ -172,9 +173,11 @@ class _Window:
       self.units[k] = self.units.get(k, 0) + v
 
 
-def _log_row(step_metrics, state, window, peak):
+def _log_row(step_metrics, state, window, peak, summarize_units=None):
   row = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
   row["nonfinite_total"] = int(jax.device_get(state["nonfinite_total"]))
+  if window.steps and summarize_units is not None:
+    row.update(summarize_units(window.units))
   if window.steps:
     row["step_time_s"] = window.seconds / window.steps
     for name, count in window.units.items():

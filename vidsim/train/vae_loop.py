@@ -1,0 +1,210 @@
+"""Stage 1: train the causal video VAE (`vidsim train-vae --config F --workdir W`).
+
+Reads top to bottom: mesh, input, model, update step, hooks (reconstruction videos,
+validation PSNR, latent statistics), then the shared loop (resume, checkpoints,
+metrics). Outputs under W/vae/: checkpoints/, metrics.jsonl, tensorboard/, recon/.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+from flax import nnx
+
+from vidsim import mesh as mesh_lib
+from vidsim.data import pipeline
+from vidsim.data.video_io import write_video
+from vidsim.log import get_logger, is_chief
+from vidsim.models import vae as vae_lib
+from vidsim.train import loop, optim
+
+log = get_logger("vae")
+
+STAGE = "vae"
+
+
+def run_train_vae(args, config):
+  mesh_lib.init_distributed(config)
+  mesh = mesh_lib.make_mesh(config)
+  log.info("mesh: %s", mesh_lib.describe(mesh))
+  train_vae(config, args.workdir, mesh)
+
+
+def build_vae(config):
+  return vae_lib.VideoVAE(config, rngs=nnx.Rngs(config.seed))
+
+
+def abstract_vae(config, mesh):
+  """(graphdef, abstract params, param shardings) without allocating the weights."""
+  with mesh_lib.activate(mesh, config):
+    abstract_model = nnx.eval_shape(functools.partial(build_vae, config))
+  graphdef, params, others, shardings = loop.split_model(abstract_model, mesh, config)
+  if jax.tree.leaves(others):
+    raise TypeError(f"the VAE must hold only nnx.Param variables, found {others}")
+  return graphdef, params, shardings
+
+
+def train_vae(config, workdir, mesh):
+  tc = config.vae_train
+  channels = config.vae.latent_channels
+  with mesh_lib.activate(mesh, config):
+    # ------------------------------------------------------------ input
+    batch_multiple = mesh_lib.data_parallel_size(mesh, config)
+    train_data = iter(pipeline.pixel_dataset(config, config.data.train_split, batch_multiple=batch_multiple))
+    eval_batch = next(iter(pipeline.pixel_dataset(config, config.data.eval_split, batch_multiple=batch_multiple)))
+
+    # ------------------------------------------------------------ model and optimizer
+    graphdef, abstract_params, param_shardings = abstract_vae(config, mesh)
+    optimizer = optim.make_optimizer(tc)
+
+    def init_state():
+      _, params = nnx.split(build_vae(config), nnx.Param)
+      return optim.init_train_state(
+          nnx.to_pure_dict(params), optimizer, config.seed,
+          latent_shift=jnp.zeros((channels,), jnp.float32),
+          latent_scale=jnp.ones((channels,), jnp.float32),
+      )
+
+    state_shardings = loop.state_shardings(jax.eval_shape(init_state), abstract_params, param_shardings, mesh)
+
+    # ------------------------------------------------------------ update step
+    def train_step(state, batch):
+      rng = optim.step_rng(state)
+
+      def loss_fn(params):
+        return vae_lib.vae_loss(nnx.merge(graphdef, params), batch["video"], rng, config)
+
+      (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+      state, stats = optim.apply_gradients(state, loss, grads, optimizer, tc.ema_decay)
+      return state, {**metrics, **stats}
+
+    def to_global(host_batch):
+      return mesh_lib.make_global_batch({"video": host_batch["video"]}, mesh, config)
+
+    def batch_flops(host_batch):
+      clips, frames, height, width, _ = host_batch["video"].shape
+      return vae_lib.vae_flops(config, frames, height, width, train=True) * clips * jax.process_count()
+
+    def batch_units(host_batch):
+      clips, frames = host_batch["video"].shape[:2]
+      return {"clips": clips * jax.process_count(), "frames": clips * frames * jax.process_count()}
+
+    # ------------------------------------------------------------ hooks
+    stage_dir = epath.Path(workdir) / STAGE
+    reconstruct = jax.jit(lambda params, video: nnx.merge(graphdef, params).decode(
+        nnx.merge(graphdef, params).encode(video)[0]))
+
+    def write_reconstruction(state, step):
+      """Validation clips next to their reconstruction (EMA weights), plus val PSNR."""
+      video = to_global(eval_batch)["video"]
+      recon = reconstruct(state["ema"], video)
+      value = float(psnr(video, recon))
+      log.info("step %d: validation PSNR %.2f dB (EMA weights)", step, value)
+      if is_chief():
+        grid = side_by_side(np.asarray(jax.device_get(video))[:4], np.asarray(jax.device_get(recon))[:4])
+        out = stage_dir / "recon" / f"step_{step:06d}.gif"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_video(out, grid, fps=float(eval_batch["fps"][0]))
+        (stage_dir / "recon" / "val_psnr.jsonl").open("a").write(f'{{"step": {step}, "val_psnr": {value:.4f}}}\n')
+
+    def set_latent_stats(state):
+      shift, scale = latent_stats(config, graphdef, state["ema"], mesh)
+      log.info("latent stats: shift %s scale %s", np.round(shift, 3), np.round(scale, 3))
+      return dict(state, latent_shift=jnp.asarray(shift), latent_scale=jnp.asarray(scale))
+
+    spec = loop.StageSpec(
+        name=STAGE, steps=tc.steps, log_every=tc.log_every, checkpoint_every=tc.checkpoint_every,
+        max_nonfinite_steps=config.train.max_nonfinite_steps, init_state=init_state,
+        state_shardings=state_shardings, train_step=train_step, data_iter=train_data,
+        to_global=to_global, batch_flops=batch_flops, batch_units=batch_units,
+        every=[(tc.recon_every, write_reconstruction)], before_final_save=set_latent_stats,
+    )
+    state = loop.run(spec, config, workdir, mesh)
+    if int(state["step"]) == tc.steps:
+      write_reconstruction(state, tc.steps)
+    return state
+
+
+def psnr(video, recon):
+  """PSNR in dB of [-1, 1] videos measured on the [0, 1] scale."""
+  mse = jnp.mean(((jnp.clip(recon, -1, 1) - video) / 2.0) ** 2)
+  return -10.0 * jnp.log10(jnp.maximum(mse, 1e-10))
+
+
+def side_by_side(video, recon):
+  """uint8 [T, H', W', 3] frames: each input clip left of its reconstruction, clips stacked."""
+  to_uint8 = lambda x: np.clip((x + 1.0) * 127.5, 0, 255).astype(np.uint8)
+  pairs = [np.concatenate([to_uint8(v), to_uint8(r)], axis=2) for v, r in zip(video, recon)]
+  return np.concatenate(pairs, axis=1)
+
+
+def latent_stats(config, graphdef, params, mesh, batches: int = 8):
+  """Per-channel shift and scale of the latent means over training clips (EMA weights),
+  so the DiT sees latents of unit scale. Deterministic: a fresh, seeded iterator."""
+  data = iter(pipeline.pixel_dataset(
+      config, config.data.train_split, batch_multiple=mesh_lib.data_parallel_size(mesh, config), seed=config.seed + 1))
+  encode = jax.jit(lambda p, v: nnx.merge(graphdef, p).encode(v)[0])
+  sums = np.zeros((config.vae.latent_channels,), np.float64)
+  squares = np.zeros_like(sums)
+  count = 0
+  for _ in range(batches):
+    host = next(data)
+    video = mesh_lib.make_global_batch({"video": host["video"]}, mesh, config)["video"]
+    mean = encode(params, video)
+    axes = tuple(range(mean.ndim - 1))
+    sums += np.asarray(jax.device_get(jnp.sum(mean, axis=axes)), np.float64)
+    squares += np.asarray(jax.device_get(jnp.sum(mean.astype(jnp.float32) ** 2, axis=axes)), np.float64)
+    count += int(np.prod(mean.shape[:-1]))
+  shift = sums / count
+  scale = np.sqrt(np.maximum(squares / count - shift**2, 1e-12))
+  return shift.astype(np.float32), scale.astype(np.float32)
+
+
+# ------------------------------------------------------------------ using a trained VAE
+
+
+class TrainedVAE:
+  """The EMA weights and latent statistics of a finished (or latest) VAE checkpoint,
+  replicated on every device so each process can encode and decode on its own."""
+
+  def __init__(self, config, workdir, mesh):
+    import hashlib
+
+    import orbax.checkpoint as ocp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from vidsim.errors import UsageError
+    from vidsim.train.checkpoint import Checkpointer
+
+    directory = epath.Path(workdir) / STAGE / "checkpoints"
+    reader = Checkpointer(directory, read_only=True) if directory.exists() else None
+    step = reader.latest_step() if reader else None
+    if step is None:
+      raise UsageError(f"no VAE checkpoint in {directory}: run `vidsim train-vae --config ... --workdir {workdir}` first")
+    self.graphdef, abstract_params, _ = abstract_vae(config, mesh)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    as_target = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated)
+    channels = (config.vae.latent_channels,)
+    target = {
+        "ema": jax.tree.map(as_target, abstract_params),
+        "latent_shift": as_target(jax.ShapeDtypeStruct(channels, jnp.float32)),
+        "latent_scale": as_target(jax.ShapeDtypeStruct(channels, jnp.float32)),
+    }
+    restored = reader.manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(target, partial_restore=True))).state
+    reader.close()
+    # Host copies: processes encode different shards, so they must not share collectives.
+    self.params = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), restored["ema"])
+    self.shift = np.asarray(restored["latent_shift"].addressable_data(0))
+    self.scale = np.asarray(restored["latent_scale"].addressable_data(0))
+    self.step = step
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves((self.params, self.shift, self.scale)):
+      digest.update(np.ascontiguousarray(leaf).tobytes())
+    digest.update(repr(sorted(config.vae.to_dict().items())).encode())
+    self.fingerprint = digest.hexdigest()[:16]
+
+  def model(self):
+    return nnx.merge(self.graphdef, self.params)
