@@ -15,6 +15,13 @@ def get_config():
   c = base_config()
   c.moving_digits.train_examples = 64
   c.moving_digits.eval_examples = 16
+  c.moving_digits.frames = 5
+  c.moving_digits.height = 16
+  c.moving_digits.width = 16
+  c.moving_digits.digit_size = 8
+  c.moving_digits.mixed_shapes = ((5, 16, 16), (9, 16, 16), (5, 16, 24), (5, 24, 16), (1, 16, 16))
+  c.moving_digits.occlusion_shape = (9, 16, 32)
+  c.moving_digits.occluder_width = 10
   c.data.buckets = ((5, 16, 16), (5, 16, 24), (1, 16, 16))
   c.data.batch_size = 8
   c.vae.widths = (8, 16, 16)

@@ -39,15 +39,6 @@ _TOKEN_FEATURES = ("tokens", "positions")
 _TEXT_FEATURES = {"bytes": ("text_tokens", "text_mask"), "precomputed": ("text_embeddings", "text_mask")}
 
 
-def caption_bytes(caption, length: int):
-  """The fixed byte tokenizer: (ids int32 [length] = utf-8 byte + 1, 0-padded; mask bool [length])."""
-  raw = caption.encode("utf-8") if isinstance(caption, str) else bytes(caption)
-  ids = np.zeros(length, np.int32)
-  body = np.frombuffer(raw[:length], np.uint8).astype(np.int32) + 1
-  ids[: len(body)] = body
-  return ids, ids > 0
-
-
 def host_rows(config, process_count=None) -> int:
   """This process's rows per batch: train.rows_per_batch split evenly over processes."""
   count = jax.process_count() if process_count is None else process_count
@@ -95,13 +86,10 @@ def _segment_text(example, config):
   if encoder not in _TEXT_FEATURES:
     raise UsageError(f"text.encoder={encoder!r}; valid: {', '.join(_TEXT_FEATURES)}")
   if encoder == "bytes":
-    if "text_tokens" in example:
-      ids = np.asarray(example["text_tokens"], np.int32)
-      mask = np.asarray(example.get("text_mask", ids > 0), bool)
-    elif "caption" in example:
-      ids, mask = caption_bytes(example["caption"], length)
-    else:
-      raise UsageError(f"latent example has neither 'text_tokens' nor 'caption'; keys: {sorted(example)}")
+    if "text_tokens" not in example:
+      raise UsageError(f"text.encoder=bytes needs 'text_tokens' in the latent cache; keys: {sorted(example)}")
+    ids = np.asarray(example["text_tokens"], np.int32)
+    mask = np.asarray(example.get("text_mask", ids > 0), bool)
     text = dict(text_tokens=ids)
   else:
     if "text_embeddings" not in example or "text_mask" not in example:
@@ -130,8 +118,10 @@ def _to_packed_format(row):
   return out
 
 
-def pack_latents(examples, config, process_count=None):
+def packed_dataset(examples, config, *, rows=None, process_count=None):
   """grain IterDataset of host-local packed batches from a (Map|Iter)Dataset of latent examples.
+
+  rows: rows per batch (default: `host_rows(config, process_count)`).
 
   First-fit over the R open rows of a batch: an example goes into the first row with
   room for its tokens and a free segment slot; when none has, the R rows are emitted
@@ -140,7 +130,7 @@ def pack_latents(examples, config, process_count=None):
   """
   if isinstance(examples, grain.MapDataset):
     examples = examples.to_iter_dataset()
-  rows = host_rows(config, process_count)
+  rows = host_rows(config, process_count) if rows is None else rows
   row_tokens, slots = config.train.row_tokens, config.train.max_segments_per_row
   if slots < 1:
     raise UsageError(f"train.max_segments_per_row must be >= 1, got {slots}")
