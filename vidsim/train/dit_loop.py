@@ -88,25 +88,9 @@ def train_dit(config, workdir, mesh):
     graphdef, abstract_params, param_shardings = abstract_dit(config, mesh)
     optimizer = optim.make_optimizer(tc)
 
-    def init_state():
-      _, params = nnx.split(build_dit(config), nnx.Param)
-      return optim.init_train_state(nnx.to_pure_dict(params), optimizer, config.seed)
-
+    init_state = functools.partial(init_dit_state, config, optimizer)
     state_shardings = loop.state_shardings(jax.eval_shape(init_state), abstract_params, param_shardings, mesh)
-
-    # ------------------------------------------------------------ update step
-    def loss_fn(params, batch, rng):
-      inputs = flow.flow_training_inputs(rng, batch, config)
-      model = nnx.merge(graphdef, params)
-      v_pred = model(inputs["x_t"], inputs["t"], batch["positions"], batch["segment_ids"],
-                     text_inputs(batch), inputs["drop_text"])
-      return flow.flow_loss(v_pred, inputs["v_target"], inputs["loss_mask"], inputs["t"])
-
-    def train_step(state, batch):
-      rng = optim.step_rng(state)
-      loss, metrics, grads = accumulate_gradients(loss_fn, state["params"], batch, rng, tc.grad_accum)
-      state, stats = optim.apply_gradients(state, loss, grads, optimizer, tc.ema_decay)
-      return state, {**metrics, **stats}
+    train_step = make_train_step(config, graphdef, optimizer)
 
     def to_global(host_batch):
       arrays = {k: host_batch[k] for k in BATCH_KEYS if k in host_batch}
@@ -131,6 +115,31 @@ def train_dit(config, workdir, mesh):
         summarize_units=packing_efficiency, every=sample_hooks(config, workdir, mesh, graphdef),
     )
     return loop.run(spec, config, workdir, mesh)
+
+
+def init_dit_state(config, optimizer):
+  _, params = nnx.split(build_dit(config), nnx.Param)
+  return optim.init_train_state(nnx.to_pure_dict(params), optimizer, config.seed)
+
+
+def make_train_step(config, graphdef, optimizer):
+  """The pure step (state, packed global batch) -> (state, metrics): rectified flow."""
+  tc = config.train
+
+  def loss_fn(params, batch, rng):
+    inputs = flow.flow_training_inputs(rng, batch, config)
+    model = nnx.merge(graphdef, params)
+    v_pred = model(inputs["x_t"], inputs["t"], batch["positions"], batch["segment_ids"],
+                   text_inputs(batch), inputs["drop_text"])
+    return flow.flow_loss(v_pred, inputs["v_target"], inputs["loss_mask"], inputs["t"])
+
+  def train_step(state, batch):
+    rng = optim.step_rng(state)
+    loss, metrics, grads = accumulate_gradients(loss_fn, state["params"], batch, rng, tc.grad_accum)
+    state, stats = optim.apply_gradients(state, loss, grads, optimizer, tc.ema_decay)
+    return state, {**metrics, **stats}
+
+  return train_step
 
 
 def text_inputs(batch):

@@ -48,7 +48,6 @@ def abstract_vae(config, mesh):
 
 def train_vae(config, workdir, mesh):
   tc = config.vae_train
-  channels = config.vae.latent_channels
   with mesh_lib.activate(mesh, config):
     # ------------------------------------------------------------ input
     batch_multiple = mesh_lib.data_parallel_size(mesh, config)
@@ -59,26 +58,9 @@ def train_vae(config, workdir, mesh):
     graphdef, abstract_params, param_shardings = abstract_vae(config, mesh)
     optimizer = optim.make_optimizer(tc)
 
-    def init_state():
-      _, params = nnx.split(build_vae(config), nnx.Param)
-      return optim.init_train_state(
-          nnx.to_pure_dict(params), optimizer, config.seed,
-          latent_shift=jnp.zeros((channels,), jnp.float32),
-          latent_scale=jnp.ones((channels,), jnp.float32),
-      )
-
+    init_state = functools.partial(init_vae_state, config, optimizer)
     state_shardings = loop.state_shardings(jax.eval_shape(init_state), abstract_params, param_shardings, mesh)
-
-    # ------------------------------------------------------------ update step
-    def train_step(state, batch):
-      rng = optim.step_rng(state)
-
-      def loss_fn(params):
-        return vae_lib.vae_loss(nnx.merge(graphdef, params), batch["video"], rng, config)
-
-      (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-      state, stats = optim.apply_gradients(state, loss, grads, optimizer, tc.ema_decay)
-      return state, {**metrics, **stats}
+    train_step = make_train_step(config, graphdef, optimizer)
 
     def to_global(host_batch):
       return mesh_lib.make_global_batch({"video": host_batch["video"]}, mesh, config)
@@ -125,6 +107,32 @@ def train_vae(config, workdir, mesh):
     if int(state["step"]) == tc.steps:
       write_reconstruction(state, tc.steps)
     return state
+
+
+def init_vae_state(config, optimizer):
+  _, params = nnx.split(build_vae(config), nnx.Param)
+  channels = config.vae.latent_channels
+  return optim.init_train_state(
+      nnx.to_pure_dict(params), optimizer, config.seed,
+      latent_shift=jnp.zeros((channels,), jnp.float32),
+      latent_scale=jnp.ones((channels,), jnp.float32),
+  )
+
+
+def make_train_step(config, graphdef, optimizer):
+  """The pure step (state, {"video"}) -> (state, metrics): reconstruction + beta KL."""
+
+  def train_step(state, batch):
+    rng = optim.step_rng(state)
+
+    def loss_fn(params):
+      return vae_lib.vae_loss(nnx.merge(graphdef, params), batch["video"], rng, config)
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    state, stats = optim.apply_gradients(state, loss, grads, optimizer, config.vae_train.ema_decay)
+    return state, {**metrics, **stats}
+
+  return train_step
 
 
 def psnr(video, recon):

@@ -1,0 +1,249 @@
+"""`vidsim bench WHAT --config F [--out B.json]`: speed and memory figures.
+
+Every benchmark measures the matmul rate (a large fp32 matmul) in the same process,
+so MFU is against what this machine really does, and reports model FLOPs counted
+explicitly (vidsim/models/flops.py, vae_flops). Results go to docs/benchmarks.md.
+  data        decode + transform throughput with 0, 1, 2 grain workers
+  vae         VAE train step time and MFU, encode clips/s
+  dit         DiT train step time, tokens/s and MFU on packed rows
+  checkpoint  how long an async save blocks the loop, restore, restore onto another mesh
+"""
+
+import functools
+import json
+import platform
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+
+from vidsim import mesh as mesh_lib
+from vidsim.errors import UsageError
+from vidsim.log import get_logger
+from vidsim.train import optim
+from vidsim.train.metrics import measure_matmul_flops_per_s
+
+log = get_logger("bench")
+
+
+def run_bench(args, config):
+  benchmarks = {"data": _bench_data, "vae": bench_vae, "dit": bench_dit, "checkpoint": bench_checkpoint}
+  if args.what not in benchmarks:
+    raise UsageError(f"unknown benchmark {args.what!r}; choose from {sorted(benchmarks)}")
+  result = {"benchmark": args.what, "config": args.config, **_machine()}
+  result["matmul_flops_per_s"] = measure_matmul_flops_per_s()
+  result.update(benchmarks[args.what](config))
+  if "flops_per_s" in result:
+    result["mfu"] = result["flops_per_s"] / result["matmul_flops_per_s"]
+  text = json.dumps(result, indent=2, default=float)
+  print(text)
+  if args.out:
+    epath.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    epath.Path(args.out).write_text(text + "\n")
+  return result
+
+
+def _machine():
+  return {
+      "jax": jax.__version__,
+      "backend": jax.default_backend(),
+      "devices": jax.device_count(),
+      "device_kind": jax.devices()[0].device_kind,
+      "cpu": platform.processor() or platform.machine(),
+  }
+
+
+def _bench_data(config):
+  from vidsim.data.bench import bench_data
+
+  return bench_data(config)
+
+
+def _time_steps(step, state, batch, warmup, steps):
+  """Median seconds per call after `warmup` calls (which include compilation)."""
+  for _ in range(warmup):
+    state, metrics = step(state, batch)
+  jax.block_until_ready(state)
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    state, metrics = step(state, batch)
+    jax.block_until_ready((state, metrics))
+    times.append(time.perf_counter() - start)
+  return state, float(np.median(times)), times
+
+
+# ------------------------------------------------------------------ DiT
+
+
+def synthetic_packed_batch(config, rows=None, segments_per_row=2, seed=0):
+  """Full rows of `segments_per_row` equal video segments, random latents and captions."""
+  from vidsim.models import text as text_lib
+
+  tc = config.train
+  rows = rows or tc.rows_per_batch
+  length = tc.row_tokens
+  k = config.train.max_segments_per_row
+  patch_dim = int(np.prod(config.dit.patch_size)) * config.vae.latent_channels
+  rng = np.random.default_rng(seed)
+  per_segment = length // segments_per_row
+  segment_ids = np.repeat(np.arange(1, segments_per_row + 1), per_segment)
+  segment_ids = np.pad(segment_ids, (0, length - len(segment_ids)))
+  frames = 4
+  per_frame = max(per_segment // frames, 1)
+  within = np.arange(per_segment)
+  positions = np.stack([within // per_frame, (within % per_frame) // 8, within % 8], -1)
+  positions = np.concatenate([np.tile(positions, (segments_per_row, 1)), np.zeros((length - segments_per_row * per_segment, 3), int)])
+  segment_frames = np.zeros((k,), np.int32)
+  segment_frames[:segments_per_row] = frames
+  captions = ["a red 3 moves left while a blue 7 falls"] * k
+  ids, mask = text_lib.tokenize_bytes(captions, config.text.max_length)
+  batch = {
+      "tokens": rng.standard_normal((rows, length, patch_dim)).astype(np.float32),
+      "positions": np.broadcast_to(positions, (rows, length, 3)).astype(np.int32),
+      "segment_ids": np.broadcast_to(segment_ids, (rows, length)).astype(np.int32),
+      "segment_frames": np.broadcast_to(segment_frames, (rows, k)).astype(np.int32),
+      "text_tokens": np.broadcast_to(ids, (rows, k, ids.shape[-1])).astype(np.int32),
+      "text_mask": np.broadcast_to(mask, (rows, k, mask.shape[-1])).copy(),
+  }
+  return batch
+
+
+def _dit_setup(config, mesh):
+  from vidsim.train import dit_loop, loop
+
+  graphdef, abstract_params, param_shardings = dit_loop.abstract_dit(config, mesh)
+  optimizer = optim.make_optimizer(config.train)
+  init_state = functools.partial(dit_loop.init_dit_state, config, optimizer)
+  shardings = loop.state_shardings(jax.eval_shape(init_state), abstract_params, param_shardings, mesh)
+  state = jax.jit(init_state, out_shardings=shardings)()
+  step = jax.jit(dit_loop.make_train_step(config, graphdef, optimizer), out_shardings=(shardings, None), donate_argnums=0)
+  return state, step, shardings
+
+
+def bench_dit(config):
+  from vidsim.models import flops as flops_lib
+  from vidsim.train import dit_loop
+
+  mesh = mesh_lib.make_mesh(config)
+  with mesh_lib.activate(mesh, config):
+    state, step, _ = _dit_setup(config, mesh)
+    host = synthetic_packed_batch(config)
+    batch = mesh_lib.make_global_batch(host, mesh, config)
+    _, seconds, times = _time_steps(step, state, batch, config.bench.warmup, config.bench.steps)
+  flops = dit_loop.flops_for_batch(config, host)
+  tokens = host["segment_ids"].size
+  return {
+      "model": {"width": config.dit.width, "depth": config.dit.depth, "heads": config.dit.heads,
+                "params": flops_lib.dit_param_count(config)},
+      "rows": host["segment_ids"].shape[0], "row_tokens": config.train.row_tokens,
+      "step_time_s": seconds, "step_times_s": times, "tokens_per_s": tokens / seconds,
+      "flops_per_step": flops, "flops_per_s": flops / seconds,
+  }
+
+
+# ------------------------------------------------------------------ VAE
+
+
+def bench_vae(config):
+  from flax import nnx
+
+  from vidsim.models import vae as vae_lib
+  from vidsim.train import loop, vae_loop
+
+  mesh = mesh_lib.make_mesh(config)
+  frames, height, width = max(config.data.buckets, key=lambda b: b[0] * b[1] * b[2])
+  clips = config.data.batch_size
+  rng = np.random.default_rng(0)
+  video = rng.uniform(-1, 1, (clips, frames, height, width, 3)).astype(np.float32)
+  with mesh_lib.activate(mesh, config):
+    graphdef, abstract_params, param_shardings = vae_loop.abstract_vae(config, mesh)
+    optimizer = optim.make_optimizer(config.vae_train)
+    init_state = functools.partial(vae_loop.init_vae_state, config, optimizer)
+    shardings = loop.state_shardings(jax.eval_shape(init_state), abstract_params, param_shardings, mesh)
+    state = jax.jit(init_state, out_shardings=shardings)()
+    step = jax.jit(vae_loop.make_train_step(config, graphdef, optimizer), out_shardings=(shardings, None), donate_argnums=0)
+    batch = mesh_lib.make_global_batch({"video": video}, mesh, config)
+    state, seconds, times = _time_steps(step, state, batch, config.bench.warmup, config.bench.steps)
+    encode = jax.jit(lambda p, v: nnx.merge(graphdef, p).encode(v)[0])
+    _, encode_seconds, _ = _time_steps(lambda s, b: (s, encode(s, b)), state["params"], batch["video"],
+                                       config.bench.warmup, config.bench.steps)
+  flops = vae_lib.vae_flops(config, frames, height, width, train=True) * clips
+  return {
+      "clip_shape": [frames, height, width], "clips_per_step": clips,
+      "step_time_s": seconds, "step_times_s": times, "train_clips_per_s": clips / seconds,
+      "encode_clips_per_s": clips / encode_seconds,
+      "flops_per_step": flops, "flops_per_s": flops / seconds,
+  }
+
+
+# ------------------------------------------------------------------ checkpoints
+
+
+def bench_checkpoint(config):
+  """Async-save blocking time against one DiT step, restore, and restore onto another mesh."""
+  from vidsim.train import checkpoint as ckpt_lib
+  from vidsim.train import dit_loop
+
+  mesh = mesh_lib.make_mesh(config)
+  result = {}
+  with tempfile.TemporaryDirectory() as tmp, mesh_lib.activate(mesh, config):
+    state, step, shardings = _dit_setup(config, mesh)
+    batch = mesh_lib.make_global_batch(synthetic_packed_batch(config), mesh, config)
+    state, step_seconds, _ = _time_steps(step, state, batch, config.bench.warmup, config.bench.steps)
+    saver = ckpt_lib.Checkpointer(epath.Path(tmp) / "ckpt", keep_last=2, async_save=True)
+    data_iter = _StaticIterator()
+    blocking = []
+    for i in range(3):
+      start = time.perf_counter()
+      saver.save(i + 1, state, data_iter, {}, {}, force=True)
+      blocking.append(time.perf_counter() - start)
+      state, _ = step(state, batch)  # The loop goes on while the save runs.
+      jax.block_until_ready(state)
+      saver.wait()
+    nbytes = sum(x.nbytes for x in jax.tree.leaves(state))
+    abstract = ckpt_lib.abstract_like(state, shardings)
+    start = time.perf_counter()
+    saver.restore(3, abstract, _StaticIterator())
+    restore_seconds = time.perf_counter() - start
+    saver.close()
+
+    other = _other_mesh_config(config)
+    other_mesh = mesh_lib.make_mesh(other)
+    with mesh_lib.activate(other_mesh, other):
+      graphdef, abstract_params, param_shardings = dit_loop.abstract_dit(other, other_mesh)
+      other_shardings = dit_loop.loop.state_shardings(
+          jax.eval_shape(functools.partial(dit_loop.init_dit_state, other, optim.make_optimizer(other.train))),
+          abstract_params, param_shardings, other_mesh)
+      reader = ckpt_lib.Checkpointer(epath.Path(tmp) / "ckpt", read_only=True)
+      start = time.perf_counter()
+      reader.restore(3, ckpt_lib.abstract_like(state, other_shardings), _StaticIterator())
+      reshard_seconds = time.perf_counter() - start
+      reader.close()
+  result.update(
+      step_time_s=step_seconds, state_bytes=nbytes,
+      save_blocking_s=float(np.median(blocking)), save_blocking_fraction_of_step=float(np.median(blocking)) / step_seconds,
+      restore_s=restore_seconds, restore_other_mesh_s=reshard_seconds,
+      mesh=mesh_lib.describe(mesh), other_mesh=mesh_lib.describe(other_mesh),
+  )
+  return result
+
+
+def _other_mesh_config(config):
+  """The same job on a differently shaped mesh (fsdp x tensor instead of data)."""
+  other = config.copy_and_resolve_references()
+  n = jax.device_count()
+  with other.unlocked():
+    other.mesh.ici.update(dict(data=1, fsdp=max(n // 2, 1), sequence=1, tensor=2 if n > 1 else 1))
+    other.mesh.dcn.update(dict(data=1, fsdp=1, sequence=1, tensor=1))
+  return other
+
+
+def _StaticIterator():
+  """A tiny real grain iterator: the benchmark times the train-state item, not data."""
+  import grain
+
+  return iter(grain.MapDataset.range(8).to_iter_dataset())
