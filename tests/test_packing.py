@@ -18,8 +18,16 @@ def make_examples(n, seed=0, shapes=SHAPES):
   for i in range(n):
     shape = shapes[rng.integers(len(shapes))]
     latent = rng.normal(size=shape).astype(np.float32)
-    examples.append(dict(latent=latent, caption=f"example {i}", id=i))
+    examples.append(dict(latent=latent, text_tokens=byte_ids(f"example {i}"), id=i))
   return examples
+
+
+def byte_ids(caption, length=32):
+  """The byte tokenizer of the packed format: utf-8 byte + 1, 0-padded (tiny config: 32)."""
+  ids = np.zeros(length, np.int32)
+  raw = np.frombuffer(caption.encode("utf-8")[:length], np.uint8).astype(np.int32) + 1
+  ids[: raw.size] = raw
+  return ids
 
 
 def caption_of(text_tokens):
@@ -27,7 +35,7 @@ def caption_of(text_tokens):
 
 
 def packed(config, examples, **kwargs):
-  return list(packing.pack_latents(grain.MapDataset.source(examples), config, **kwargs))
+  return list(packing.packed_dataset(grain.MapDataset.source(examples), config, **kwargs))
 
 
 def test_rows_fixed_length_and_format(tiny_config):
@@ -64,7 +72,7 @@ def test_segments_contiguous_padding_zero_and_slots_match(tiny_config):
 
 def test_every_token_is_its_patch_and_every_example_appears_once(tiny_config):
   examples = make_examples(300, seed=2)
-  by_caption = {e["caption"]: e for e in examples}
+  by_caption = {caption_of(e["text_tokens"]): e for e in examples}
   seen = []
   patch = tuple(tiny_config.dit.patch_size)
   for batch in packed(tiny_config, examples):
@@ -76,13 +84,12 @@ def test_every_token_is_its_patch_and_every_example_appears_once(tiny_config):
         segment = ids == k
         rebuilt = patches.unpatchify(batch["tokens"][row][segment], batch["positions"][row][segment], patch, source.shape)
         np.testing.assert_array_equal(rebuilt, source)
-        expected_ids, expected_mask = packing.caption_bytes(caption, tiny_config.text.max_length)
-        np.testing.assert_array_equal(batch["text_tokens"][row, k - 1], expected_ids)
-        np.testing.assert_array_equal(batch["text_mask"][row, k - 1], expected_mask)
+        np.testing.assert_array_equal(batch["text_tokens"][row, k - 1], by_caption[caption]["text_tokens"])
+        np.testing.assert_array_equal(batch["text_mask"][row, k - 1], by_caption[caption]["text_tokens"] > 0)
         seen.append(caption)
   assert len(seen) == len(set(seen))
   # Each batch takes a contiguous run of the stream; only the last partial batch is dropped.
-  assert len(seen) > 0.8 * len(examples) and set(seen) == {e["caption"] for e in examples[: len(seen)]}
+  assert len(seen) > 0.8 * len(examples) and set(seen) == {caption_of(e["text_tokens"]) for e in examples[: len(seen)]}
 
 
 def test_packing_efficiency(tiny_config):
@@ -99,7 +106,7 @@ def test_packing_efficiency(tiny_config):
 
 def test_long_samples_keep_their_leading_frames(tiny_config):
   long_video = np.random.default_rng(0).normal(size=(40, 4, 4, 4)).astype(np.float32)  # 160 tokens.
-  examples = [dict(latent=long_video, caption="long")] + make_examples(100, seed=4)
+  examples = [dict(latent=long_video, text_tokens=byte_ids("long"))] + make_examples(100, seed=4)
   batch = packed(tiny_config, examples)[0]
   segment = batch["segment_ids"][0] == 1
   assert batch["segment_frames"][0, 0] == 16  # 64 tokens / 4 tokens per frame.
@@ -121,7 +128,7 @@ def test_segment_limit_per_row(tiny_config):
 
 def test_resume_gives_the_same_next_batches(tiny_config):
   source = grain.MapDataset.source(make_examples(200, seed=6)).shuffle(seed=0).repeat()
-  dataset = packing.pack_latents(source, tiny_config)
+  dataset = packing.packed_dataset(source, tiny_config)
   iterator = iter(dataset)
   for _ in range(3):
     next(iterator)
@@ -136,7 +143,7 @@ def test_resume_gives_the_same_next_batches(tiny_config):
 
 
 def test_grain_checkpoint_helper_on_every_state(tiny_config):
-  dataset = packing.pack_latents(grain.MapDataset.source(make_examples(150, seed=7)), tiny_config)
+  dataset = packing.packed_dataset(grain.MapDataset.source(make_examples(150, seed=7)), tiny_config)
   grain.experimental.assert_equal_output_after_checkpoint(dataset)
 
 
@@ -164,6 +171,7 @@ def test_host_share_and_bad_inputs(tiny_config):
   assert packing.host_rows(tiny_config, process_count=2) == 4
   batches = packed(tiny_config, make_examples(100, seed=9), process_count=2)
   assert batches[0]["tokens"].shape[0] == 4
+  assert packed(tiny_config, make_examples(100, seed=9), rows=3)[0]["tokens"].shape[0] == 3
   with pytest.raises(UsageError, match="multiple of the process count 3"):
     packing.host_rows(tiny_config, process_count=3)
   bad = make_examples(20)
@@ -171,4 +179,6 @@ def test_host_share_and_bad_inputs(tiny_config):
   with pytest.raises(UsageError, match=r"'text_tokens'.*\(5,\).*text.max_length"):
     packed(tiny_config, bad)
   with pytest.raises(UsageError, match=r"\(1, 4, 5\).*nearest valid sizes"):
-    packed(tiny_config, [dict(latent=np.zeros((1, 4, 5, 4), np.float32), caption="x")])
+    packed(tiny_config, [dict(latent=np.zeros((1, 4, 5, 4), np.float32), text_tokens=byte_ids("x"))])
+  with pytest.raises(UsageError, match="needs 'text_tokens'"):
+    packed(tiny_config, [dict(latent=np.zeros((1, 4, 4, 4), np.float32), caption="x")])
