@@ -1,0 +1,299 @@
+"""Transformer pieces shared by the DiT and the byte text encoder.
+
+Attention (fused self-attention and cross-attention, both masked, through
+`jax.nn.dot_product_attention`), 3D RoPE over per-token (t, h, w) positions,
+QK-norm, GELU / SwiGLU MLPs, the sinusoidal timestep embedding, adaLN helpers and
+the scanned layer stack. Every parameter carries logical axis names (see
+config.mesh.rules); stacked layers get the extra leading "layers" axis.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vidsim.errors import UsageError
+
+# Initialisers: DiT / PixArt use xavier-uniform for projections and zeros for every
+# layer whose output is gated into the residual, so a fresh block is the identity.
+xavier = nnx.initializers.xavier_uniform()
+zeros = nnx.initializers.zeros_init()
+ones = nnx.initializers.ones_init()
+
+# The stacked axis of scanned layers: its logical name, in the param metadata.
+LAYERS = {nnx.PARTITION_NAME: "layers"}
+
+REMAT_POLICIES = {
+    "full": None,  # Save nothing; recompute the whole layer in the backward pass.
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # Keep matmul outputs.
+}
+ATTENTION_IMPLS = {"xla": "xla", "cudnn": "cudnn", "auto": None}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def partitioned(init, *names):
+  """An initialiser whose Param carries these logical axis names."""
+  return nnx.with_partitioning(init, names)
+
+
+def compute_dtype(name: str):
+  if name not in DTYPES:
+    raise UsageError(f"dtype {name!r} is not one of {sorted(DTYPES)}")
+  return DTYPES[name]
+
+
+def attention_impl(name: str):
+  if name not in ATTENTION_IMPLS:
+    raise UsageError(f"dit.attention_impl {name!r} is not one of {sorted(ATTENTION_IMPLS)}")
+  return ATTENTION_IMPLS[name]
+
+
+# ------------------------------------------------------------------ norms
+
+
+def layer_norm(x, eps=1e-6):
+  """Parameter-free LayerNorm in fp32 (adaLN supplies the scale and shift)."""
+  x32 = x.astype(jnp.float32)
+  mean = x32.mean(-1, keepdims=True)
+  var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+  return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def modulate(x, shift, scale):
+  return x * (1 + scale) + shift
+
+
+def rms_norm(features, dtype, rngs):
+  return nnx.RMSNorm(
+      features, dtype=dtype, scale_init=partitioned(ones, "norm"), rngs=rngs
+  )
+
+
+# ------------------------------------------------------------------ 3D RoPE
+
+
+def rope_pairs(head_dim: int):
+  """Rotation pairs per axis (t, h, w) for a head of `head_dim` features.
+
+  The head_dim/2 rotation pairs are split as h = w = floor(pairs/3) and
+  t = the rest, so t gets the remainder (e.g. head_dim 64: t 12, h 10, w 10 pairs).
+  Each axis has its own frequency ladder theta^(-i/n_axis).
+  """
+  if head_dim % 2:
+    raise UsageError(f"attention head dim {head_dim} must be even for RoPE (dit.width / dit.heads)")
+  pairs = head_dim // 2
+  spatial = pairs // 3
+  if spatial == 0:
+    raise UsageError(f"attention head dim {head_dim} is too small for 3D RoPE: need >= 6")
+  return (pairs - 2 * spatial, spatial, spatial)
+
+
+def rope_angles(positions, head_dim: int, theta: float):
+  """positions int [..., 3] (t, h, w) -> (cos, sin) [..., 1, head_dim/2] (1 = heads)."""
+  parts = []
+  for axis, n in enumerate(rope_pairs(head_dim)):
+    inv_freq = theta ** (-jnp.arange(n, dtype=jnp.float32) / n)
+    parts.append(positions[..., axis : axis + 1].astype(jnp.float32) * inv_freq)
+  angles = jnp.concatenate(parts, axis=-1)[..., None, :]
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x, cos, sin):
+  """Rotates feature pairs (i, i + D/2) of x [..., heads, D] by the angles."""
+  half = x.shape[-1] // 2
+  x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+# ------------------------------------------------------------------ attention
+
+
+def self_attention_mask(segment_ids):
+  """[R, L] segment ids -> [R, 1, L, L]: attend within the segment; padding (0)
+  attends only to itself, so no query row is empty (an empty row gives NaN)."""
+  same = segment_ids[:, :, None] == segment_ids[:, None, :]
+  real = (segment_ids > 0)[:, :, None]
+  eye = jnp.eye(segment_ids.shape[1], dtype=bool)[None]
+  return ((same & real) | eye)[:, None]
+
+
+def padding_mask(valid):
+  """[R, S] valid keys -> [R, 1, S, S] for a self-attention over padded text.
+  Every query sees the valid keys, and itself, so an empty caption has no empty row."""
+  eye = jnp.eye(valid.shape[1], dtype=bool)[None]
+  return (valid[:, None, :] | eye)[:, None]
+
+
+def attend(q, k, v, mask, impl):
+  """Masked attention [R, T, H, D] x [R, S, H, D] -> [R, T, H, D]."""
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+
+
+class SelfAttention(nnx.Module):
+  """Fused-qkv multi-head self-attention with optional QK-norm and RoPE."""
+
+  def __init__(self, width, heads, *, qk_norm, dtype, impl, rngs):
+    if width % heads:
+      raise UsageError(f"width {width} is not divisible by heads {heads}")
+    head_dim = width // heads
+    self.impl = impl
+    # One [width, 3, heads, head_dim] kernel: one matmul for q, k and v.
+    self.qkv = nnx.Einsum(
+        "rld,dnhk->rlnhk", (width, 3, heads, head_dim), dtype=dtype,
+        kernel_init=partitioned(xavier, "embed", None, "heads", "kv"), rngs=rngs,
+    )
+    self.out = nnx.Einsum(
+        "rlhk,hkd->rld", (heads, head_dim, width), dtype=dtype,
+        kernel_init=partitioned(zeros, "heads", "kv", "embed"), rngs=rngs,
+    )
+    self.q_norm = rms_norm(head_dim, dtype, rngs) if qk_norm else None
+    self.k_norm = rms_norm(head_dim, dtype, rngs) if qk_norm else None
+
+  def __call__(self, x, mask, rope=None):
+    q, k, v = jnp.unstack(self.qkv(x), axis=2)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    if rope is not None:
+      q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    return self.out(attend(q, k, v, mask, self.impl))
+
+
+class CrossAttention(nnx.Module):
+  """Queries from the image tokens, keys and values from the text tokens."""
+
+  def __init__(self, width, context_width, heads, *, qk_norm, dtype, impl, rngs):
+    head_dim = width // heads
+    self.impl = impl
+    self.q = nnx.Einsum(
+        "rld,dhk->rlhk", (width, heads, head_dim), dtype=dtype,
+        kernel_init=partitioned(xavier, "embed", "heads", "kv"), rngs=rngs,
+    )
+    self.kv = nnx.Einsum(
+        "rsd,dnhk->rsnhk", (context_width, 2, heads, head_dim), dtype=dtype,
+        kernel_init=partitioned(xavier, "embed", None, "heads", "kv"), rngs=rngs,
+    )
+    self.out = nnx.Einsum(
+        "rlhk,hkd->rld", (heads, head_dim, width), dtype=dtype,
+        kernel_init=partitioned(zeros, "heads", "kv", "embed"), rngs=rngs,
+    )
+    self.q_norm = rms_norm(head_dim, dtype, rngs) if qk_norm else None
+    self.k_norm = rms_norm(head_dim, dtype, rngs) if qk_norm else None
+
+  def __call__(self, x, context, mask):
+    """mask [R, 1, L, S] bool. Query rows with no valid key (padding tokens, a
+    segment whose caption is empty) attend to everything and are then zeroed,
+    instead of a softmax over nothing (NaN)."""
+    q = self.q(x)
+    k, v = jnp.unstack(self.kv(context), axis=2)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    has_key = mask.any(-1, keepdims=True)  # [R, 1, L, 1]
+    out = attend(q, k, v, mask | ~has_key, self.impl)
+    out = out * has_key[:, 0, :, :, None].astype(out.dtype)
+    return self.out(out)
+
+
+# ------------------------------------------------------------------ MLP
+
+
+class Mlp(nnx.Module):
+  """GELU (hidden = ratio * width) or SwiGLU (hidden = 2/3 of that, rounded up
+  to a multiple of 8, so both have about the same parameters and FLOPs)."""
+
+  def __init__(self, width, ratio, kind, *, dtype, rngs):
+    if kind not in ("gelu", "swiglu"):
+      raise UsageError(f"dit.mlp {kind!r} is not one of ['gelu', 'swiglu']")
+    self.kind = kind
+    self.hidden = mlp_hidden(width, ratio, kind)
+    branches = 2 if kind == "swiglu" else 1
+    self.wi = nnx.Einsum(
+        "rld,dnf->rlnf", (width, branches, self.hidden), (branches, self.hidden), dtype=dtype,
+        kernel_init=partitioned(xavier, "embed", None, "mlp"),
+        bias_init=partitioned(zeros, None, "mlp"), rngs=rngs,
+    )
+    self.wo = nnx.Linear(
+        self.hidden, width, dtype=dtype,
+        kernel_init=partitioned(zeros, "mlp", "embed"), bias_init=partitioned(zeros, "embed"), rngs=rngs,
+    )
+
+  def __call__(self, x):
+    h = self.wi(x)
+    if self.kind == "swiglu":
+      h = jax.nn.silu(h[..., 0, :]) * h[..., 1, :]
+    else:
+      h = jax.nn.gelu(h[..., 0, :], approximate=True)
+    return self.wo(h)
+
+
+def mlp_hidden(width, ratio, kind):
+  hidden = int(round(width * ratio))
+  if kind == "swiglu":
+    hidden = 8 * math.ceil(2 * hidden / 3 / 8)
+  return hidden
+
+
+# ------------------------------------------------------------------ time
+
+
+TIME_FREQUENCIES = 256  # Sinusoid features of the diffusion time (DiT / PixArt).
+
+
+def timestep_features(t, dim=TIME_FREQUENCIES, max_period=10000.0):
+  """t in [0, 1] (any shape) -> [..., dim] sinusoids of 1000 t (the DiT scale)."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  angles = 1000.0 * t.astype(jnp.float32)[..., None] * freqs
+  return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
+
+
+class TimestepEmbedding(nnx.Module):
+  """Sinusoids -> Linear -> SiLU -> Linear: the per-token time vector."""
+
+  def __init__(self, width, *, dtype, rngs):
+    init = nnx.initializers.normal(0.02)
+    self.fc1 = nnx.Linear(
+        TIME_FREQUENCIES, width, dtype=dtype,
+        kernel_init=partitioned(init, None, "embed"), bias_init=partitioned(zeros, "embed"), rngs=rngs,
+    )
+    self.fc2 = nnx.Linear(
+        width, width, dtype=dtype,
+        kernel_init=partitioned(init, "mlp", "embed"), bias_init=partitioned(zeros, "embed"), rngs=rngs,
+    )
+
+  def __call__(self, t):
+    return self.fc2(jax.nn.silu(self.fc1(timestep_features(t))))
+
+
+# ------------------------------------------------------------------ scanned stacks
+
+
+def stack_layers(make_layer, depth, rngs):
+  """`depth` layers built by make_layer(rngs), params stacked on a leading axis
+  named "layers" (so partition specs keep the stacked dimension)."""
+
+  @nnx.split_rngs(splits=depth)
+  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=LAYERS)
+  def make(rngs):
+    return make_layer(rngs)
+
+  return make(rngs)
+
+
+def run_layers(layers, x, *shared, remat="none"):
+  """x -> layer_n(...layer_1(x, *shared)..., *shared) with nnx.scan over the stack.
+
+  remat: none | full | dots (jax.checkpoint policy per layer)."""
+
+  def body(carry, layer, *args):
+    return layer(carry, *args)
+
+  if remat != "none":
+    if remat not in REMAT_POLICIES:
+      raise UsageError(f"dit.remat {remat!r} is not one of ['none', {', '.join(map(repr, REMAT_POLICIES))}]")
+    body = nnx.remat(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+  scan = nnx.scan(
+      body, in_axes=(nnx.Carry, 0) + (None,) * len(shared), out_axes=nnx.Carry, transform_metadata=LAYERS
+  )
+  return scan(x, layers, *shared)

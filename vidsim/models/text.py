@@ -1,0 +1,128 @@
+"""Text conditioning behind one interface.
+
+`make_text_encoder(config, rngs)` returns a module with `width` (feature size of
+its output) and `__call__(text) -> (embeddings [R, K, S, width], mask [R, K, S])`,
+where `text` is the packed batch's text dict:
+- config.text.encoder == "bytes": `text_tokens` int [R, K, S] (byte + 1, 0 = pad),
+  encoded by a small trainable byte-level transformer (ByteTextEncoder).
+- config.text.encoder == "precomputed": `text_embeddings` float [R, K, S, E] from
+  the latent cache (any offline encoder, e.g. T5), projected to `width`.
+Both read `text_mask` bool [R, K, S]. The encoder lives inside the DiT, so the
+model has one param tree and one optimizer.
+"""
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vidsim.errors import UsageError
+from vidsim.models import layers
+
+BYTE_VOCAB = 257  # 256 byte values + 1, id 0 = padding.
+TEXT_MLP_RATIO = 4.0
+
+
+def tokenize_bytes(captions, max_length: int):
+  """Captions -> (ids int32 [N, S], mask bool [N, S]); id = UTF-8 byte + 1, 0 = pad.
+
+  Captions longer than max_length bytes are cut (possibly inside a character:
+  the model sees bytes, so that is harmless)."""
+  ids = np.zeros((len(captions), max_length), np.int32)
+  for i, caption in enumerate(captions):
+    raw = np.frombuffer(caption.encode("utf-8")[:max_length], np.uint8).astype(np.int32) + 1
+    ids[i, : raw.size] = raw
+  return ids, ids > 0
+
+
+def _require(text, key, ndim, encoder):
+  if key not in text:
+    raise UsageError(
+        f"text.encoder={encoder!r} needs batch key {key!r}; the batch has {sorted(text)}"
+    )
+  value = text[key]
+  if value.ndim != ndim:
+    raise UsageError(f"batch key {key!r} must have {ndim} dims [R, K, S{', E' if ndim == 4 else ''}], got {value.shape}")
+  return value
+
+
+class TextBlock(nnx.Module):
+  """Pre-norm transformer layer over one caption's bytes."""
+
+  def __init__(self, width, heads, *, dtype, rngs):
+    self.norm1 = layers.rms_norm(width, dtype, rngs)
+    self.attn = layers.SelfAttention(width, heads, qk_norm=True, dtype=dtype, impl="xla", rngs=rngs)
+    self.norm2 = layers.rms_norm(width, dtype, rngs)
+    self.mlp = layers.Mlp(width, TEXT_MLP_RATIO, "gelu", dtype=dtype, rngs=rngs)
+
+  def __call__(self, x, mask):
+    x = x + self.attn(self.norm1(x), mask)
+    return x + self.mlp(self.norm2(x))
+
+
+class ByteTextEncoder(nnx.Module):
+  """Byte embeddings + learned positions -> `depth` transformer layers -> RMSNorm."""
+
+  def __init__(self, config, *, rngs):
+    t = config.text
+    dtype = layers.compute_dtype(config.dit.dtype)
+    self.width = t.width
+    self.max_length = t.max_length
+    self.dtype = dtype
+    self.embed = nnx.Embed(
+        BYTE_VOCAB, t.width, dtype=dtype,
+        embedding_init=layers.partitioned(nnx.initializers.normal(0.02), "vocab", "embed"), rngs=rngs,
+    )
+    self.position = nnx.Param(
+        layers.partitioned(nnx.initializers.normal(0.02), "text_length", "embed")(
+            rngs.params(), (t.max_length, t.width)
+        )
+    )
+    self.blocks = layers.stack_layers(
+        lambda r: TextBlock(t.width, t.heads, dtype=dtype, rngs=r), t.depth, rngs
+    )
+    self.norm = layers.rms_norm(t.width, dtype, rngs)
+
+  def __call__(self, text):
+    ids = _require(text, "text_tokens", 3, "bytes")
+    mask = text["text_mask"].astype(bool)
+    r, k, s = ids.shape
+    if s != self.max_length:
+      raise UsageError(f"text_tokens have length {s}, config.text.max_length is {self.max_length}")
+    x = self.embed(ids.reshape(r * k, s)) + self.position[...].astype(self.dtype)
+    x = layers.run_layers(self.blocks, x, layers.padding_mask(mask.reshape(r * k, s)))
+    return self.norm(x).reshape(r, k, s, self.width), mask
+
+
+class PrecomputedText(nnx.Module):
+  """A linear projection of embeddings computed offline (read from the cache)."""
+
+  def __init__(self, config, *, rngs):
+    t = config.text
+    if t.embed_dim <= 0:
+      raise UsageError(
+          "text.encoder='precomputed' needs text.embed_dim (the cached embedding size); "
+          "set --config.text.embed_dim=E (the train loop reads E from the latent cache)"
+      )
+    self.width = t.width
+    self.embed_dim = t.embed_dim
+    self.proj = nnx.Linear(
+        t.embed_dim, t.width, dtype=layers.compute_dtype(config.dit.dtype),
+        kernel_init=layers.partitioned(layers.xavier, None, "embed"),
+        bias_init=layers.partitioned(layers.zeros, "embed"), rngs=rngs,
+    )
+    self.norm = layers.rms_norm(t.width, layers.compute_dtype(config.dit.dtype), rngs)
+
+  def __call__(self, text):
+    emb = _require(text, "text_embeddings", 4, "precomputed")
+    if emb.shape[-1] != self.embed_dim:
+      raise UsageError(f"text_embeddings have size {emb.shape[-1]}, config.text.embed_dim is {self.embed_dim}")
+    return self.norm(self.proj(emb)), text["text_mask"].astype(bool)
+
+
+ENCODERS = {"bytes": ByteTextEncoder, "precomputed": PrecomputedText}
+
+
+def make_text_encoder(config, *, rngs):
+  if config.text.encoder not in ENCODERS:
+    raise UsageError(f"text.encoder {config.text.encoder!r} is not one of {sorted(ENCODERS)}")
+  return ENCODERS[config.text.encoder](config, rngs=rngs)
