@@ -1,0 +1,172 @@
+"""W/report.html: every task's inputs and outputs with prompts, training curves, metrics.
+
+A single static page with relative links (open it from disk or serve the workdir).
+Curves are inline SVG drawn from the stages' metrics.jsonl, so the page needs no
+plotting library and no network.
+"""
+
+import html
+import json
+import os
+
+from etils import epath
+
+from vidsim.train.metrics import read_metrics
+
+_STYLE = """
+body{font-family:system-ui,sans-serif;margin:24px;max-width:1200px;color:#222}
+h1{margin-bottom:4px} .sub{color:#666;margin-top:0}
+.grid{display:flex;flex-wrap:wrap;gap:16px}
+.card{border:1px solid #ddd;border-radius:8px;padding:10px;width:360px;background:#fafafa}
+.card img,.card video{image-rendering:pixelated;width:100%;background:#000}
+.prompt{font-style:italic} .task{font-weight:bold;font-size:1.05em}
+.inputs{display:flex;gap:6px} .inputs figure{margin:0;flex:1} figcaption{font-size:.8em;color:#555}
+table{border-collapse:collapse} td,th{border:1px solid #ddd;padding:4px 8px;text-align:right}
+th{background:#f0f0f0} .honest{background:#fff8e1;border-left:4px solid #f0b400;padding:8px 12px}
+svg text{font-size:11px;fill:#444}
+"""
+
+
+def write_report(config, workdir, outputs, timings, quality_notes=None):
+  """Writes W/report.html. `outputs`: dicts with task, prompt, output, sheet, inputs, note."""
+  workdir = epath.Path(workdir)
+  vae_rows = read_metrics(workdir / "vae" / "metrics.jsonl")
+  dit_rows = read_metrics(workdir / "dit" / "metrics.jsonl")
+  val_psnr = [json.loads(line) for line in _lines(workdir / "vae" / "recon" / "val_psnr.jsonl")]
+  parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>vidsim demo report</title>"
+           f"<style>{_STYLE}</style></head><body>"]
+  parts.append("<h1>vidsim demo</h1>")
+  parts.append(f"<p class='sub'>Embedded world: {html.escape(config.data.builder)}/{html.escape(config.data.builder_config)}. "
+               f"Stage times: {', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}.</p>")
+
+  parts.append("<h2>How good is this?</h2><div class='honest'>")
+  parts.append(_honest_summary(config, vae_rows, dit_rows, val_psnr, quality_notes))
+  parts.append("</div>")
+
+  parts.append("<h2>Generated videos</h2><div class='grid'>")
+  for item in outputs:
+    parts.append(_card(workdir, item))
+  parts.append("</div>")
+
+  parts.append("<h2>Training curves</h2><div class='grid'>")
+  parts.append(_chart("VAE loss", vae_rows, ["loss"]))
+  parts.append(_chart("VAE PSNR (train batch, dB)", vae_rows, ["psnr"]))
+  if val_psnr:
+    parts.append(_chart("VAE validation PSNR (EMA, dB)", val_psnr, ["val_psnr"]))
+  parts.append(_chart("DiT loss", dit_rows, ["loss"]))
+  t_keys = sorted({k for row in dit_rows for k in row if k.startswith("loss_t")})
+  parts.append(_chart("DiT loss per timestep range", dit_rows, t_keys))
+  parts.append("</div>")
+
+  parts.append("<h2>Metrics (last logged step)</h2>")
+  parts.append(_table({"VAE": vae_rows[-1] if vae_rows else {}, "DiT": dit_rows[-1] if dit_rows else {}}))
+  recon = sorted((workdir / "vae" / "recon").glob("*.gif")) if (workdir / "vae" / "recon").exists() else []
+  if recon:
+    parts.append("<h2>VAE reconstructions (input left, reconstruction right)</h2>")
+    parts.append(f"<img style='image-rendering:pixelated;width:480px' src='{_rel(workdir, recon[-1])}'>")
+  parts.append("</body></html>")
+  out = workdir / "report.html"
+  tmp = workdir / "report.html.tmp"
+  tmp.write_text("\n".join(parts))
+  os.replace(tmp, out)
+  return out
+
+
+def _lines(path):
+  path = epath.Path(path)
+  return [line for line in path.read_text().splitlines() if line] if path.exists() else []
+
+
+def _rel(workdir, path):
+  return html.escape(os.path.relpath(str(path), str(workdir)))
+
+
+def _media(workdir, path, label=""):
+  src = _rel(workdir, path)
+  tag = (f"<video src='{src}' autoplay loop muted playsinline></video>" if str(path).endswith(".mp4")
+         else f"<img src='{src}' alt='{html.escape(label)}'>")
+  return f"<figure>{tag}<figcaption>{html.escape(label)}</figcaption></figure>"
+
+
+def _card(workdir, item):
+  inputs = "".join(_media(workdir, p, f"input {i + 1}") for i, p in enumerate(item.get("inputs", [])))
+  body = [f"<div class='card'><div class='task'>{html.escape(item['task'])}</div>",
+          f"<div class='prompt'>“{html.escape(item.get('prompt', ''))}”</div>"]
+  if inputs:
+    body.append(f"<div class='inputs'>{inputs}</div>")
+  body.append(_media(workdir, item["output"], "output"))
+  if item.get("sheet"):
+    body.append(_media(workdir, item["sheet"], "contact sheet (conditioning frames outlined)"))
+  if item.get("note"):
+    body.append(f"<div>{html.escape(item['note'])}</div>")
+  body.append("</div>")
+  return "".join(body)
+
+
+def _chart(title, rows, keys, width=360, height=200):
+  colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+  series = [(k, [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))]) for k in keys]
+  series = [(k, pts) for k, pts in series if pts]
+  if not series:
+    return f"<div class='card'><b>{html.escape(title)}</b><p>no data</p></div>"
+  xs = [x for _, pts in series for x, _ in pts]
+  ys = [y for _, pts in series for _, y in pts]
+  x0, x1 = min(xs), max(xs) or 1
+  y0, y1 = min(ys), max(ys)
+  if y1 == y0:
+    y1 = y0 + 1
+  pad = 30
+
+  def sx(x):
+    return pad + (x - x0) / max(x1 - x0, 1) * (width - 2 * pad)
+
+  def sy(y):
+    return height - pad - (y - y0) / (y1 - y0) * (height - 2 * pad)
+
+  svg = [f"<svg width='{width}' height='{height}'>",
+         f"<rect x='{pad}' y='{pad}' width='{width - 2 * pad}' height='{height - 2 * pad}' fill='#fff' stroke='#ccc'/>",
+         f"<text x='{pad}' y='{height - 8}'>{x0}</text><text x='{width - pad - 20}' y='{height - 8}'>{x1}</text>",
+         f"<text x='2' y='{pad + 4}'>{y1:.3g}</text><text x='2' y='{height - pad}'>{y0:.3g}</text>"]
+  for i, (key, pts) in enumerate(series):
+    color = colors[i % len(colors)]
+    path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
+    svg.append(f"<polyline fill='none' stroke='{color}' stroke-width='1.5' points='{path}'/>")
+    svg.append(f"<text x='{pad + 4 + 90 * (i % 3)}' y='{pad - 6 - 12 * (i // 3)}' style='fill:{color}'>{html.escape(key)}</text>")
+  svg.append("</svg>")
+  return f"<div class='card'><b>{html.escape(title)}</b><br>{''.join(svg)}</div>"
+
+
+def _table(named_rows):
+  keys = sorted({k for row in named_rows.values() for k in row})
+  head = "".join(f"<th>{html.escape(name)}</th>" for name in named_rows)
+  body = []
+  for k in keys:
+    cells = "".join(f"<td>{_fmt(row.get(k))}</td>" for row in named_rows.values())
+    body.append(f"<tr><th>{html.escape(k)}</th>{cells}</tr>")
+  return f"<table><tr><th>metric</th>{head}</tr>{''.join(body)}</table>"
+
+
+def _fmt(value):
+  if value is None:
+    return ""
+  if isinstance(value, float):
+    return f"{value:.4g}"
+  return html.escape(str(value))
+
+
+def _honest_summary(config, vae_rows, dit_rows, val_psnr, quality_notes):
+  lines = []
+  if val_psnr:
+    lines.append(f"The VAE trained {val_psnr[-1]['step']} steps and reconstructs validation clips at "
+                 f"{val_psnr[-1]['val_psnr']:.1f} dB PSNR (30 dB is where digits look clean).")
+  if dit_rows:
+    first, last = dit_rows[0], dit_rows[-1]
+    lines.append(f"The DiT trained {last['step']} steps of {config.train.steps}; its flow loss went from "
+                 f"{first['loss']:.3f} to {last['loss']:.3f}.")
+  for note in quality_notes or []:
+    lines.append(note)
+  if not quality_notes:
+    lines.append("Sample quality is not scored automatically yet: judge the videos below by eye. After a "
+                 "demo-length run on a 2-core CPU, expect blurry moving blobs, not recognisable digits; "
+                 "experiments/digits_quality.py trains longer.")
+  return "<br>".join(html.escape(line) for line in lines)
