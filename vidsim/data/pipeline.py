@@ -356,6 +356,10 @@ def pixel_dataset(config, split, *, batch_multiple=1, process_index=None, proces
                             process_index=process_index, process_count=process_count)
   ds = ds.map(LoadBatch(config, split, buckets, seed=seed, random_crop=config.data.random_crop))
   if config.data.worker_count > 0:
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():  # grain workers read absl flags; vidsim uses argparse.
+      flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=config.data.worker_count, per_worker_buffer_size=max(1, config.data.prefetch)))
   return ds

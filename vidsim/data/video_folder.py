@@ -144,6 +144,22 @@ def file_clips(path: str, params: dict):
   return clips
 
 
+def check_file(path: str, params: dict) -> None:
+  """Decodes a whole file without keeping it; raises what file_clips would raise."""
+  if os.path.getsize(path) == 0:
+    raise ValueError("empty file")
+  if os.path.splitext(path)[1].lower() in video_io.IMAGE_EXTENSIONS:
+    video_io.read_image(path)
+    return
+  shape, count = None, 0
+  for frame, _ in video_io.iter_video_frames(path, fps=params["fps"]):
+    if shape is not None and frame.shape != shape:
+      raise ValueError(f"frame size changes mid-stream at frame {count}")
+    shape, count = frame.shape, count + 1
+  if not count:
+    raise ValueError("no decodable frames")
+
+
 def _reason(error: Exception) -> str:
   text = str(error).strip() or type(error).__name__
   return text if isinstance(error, ValueError) and type(error) is ValueError else f"{type(error).__name__}: {text}"
@@ -173,15 +189,29 @@ class VideoFolder(tfds.core.GeneratorBasedBuilder):
     params = self.builder_config.params
     media, other = media_files(params["path"])
     captions, problems = load_captions(params["path"], params["captions"])
-    splits = {"train": [], "validation": []}
+    skipped = []
+    readable = []
     for rel in media:
+      # Checked before the splits are fixed: TFDS cannot write a split that ends up empty.
+      try:
+        check_file(os.path.join(params["path"], rel), params)
+        readable.append(rel)
+      except Exception as e:  # pylint: disable=broad-except
+        # A bad file must never stop the build: it is listed with its reason instead.
+        skipped.append(dict(file=rel, reason=_reason(e)))
+    if not readable:
+      raise UsageError(f"video_folder {params['path']}: no readable video or image among {len(media)} files; "
+                       f"skipped: {skipped}")
+    splits = {"train": [], "validation": []}
+    for rel in readable:
       splits[split_of(rel, params["validation_fraction"])].append(rel)
     if params["validation_fraction"] > 0 and not splits["validation"] and len(splits["train"]) > 1:
       splits["validation"].append(splits["train"].pop())  # Tiny folders still get a validation file.
     self._report = dict(folder=params["path"], media_files=len(media), other_files=len(other),
-                        caption_problems=problems, skipped=[], clips={"train": 0, "validation": 0},
+                        caption_problems=problems, skipped=skipped, clips={"train": 0, "validation": 0},
                         videos=0, images=0)
-    return {split: self._generate_examples(split, files, captions) for split, files in splits.items()}
+    # TFDS cannot write an empty split: a folder with no validation files has only train.
+    return {split: self._generate_examples(split, files, captions) for split, files in splits.items() if files}
 
   def _generate_examples(self, split, files, captions):
     params, report = self.builder_config.params, self._report

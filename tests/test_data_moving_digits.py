@@ -1,0 +1,88 @@
+"""The moving_digits renderer: deterministic, captions and metadata that match the pixels."""
+
+import numpy as np
+import pytest
+
+from vidsim.data import moving_digits
+from vidsim.errors import UsageError
+
+
+def _scene(seed, **kwargs):
+  args = dict(split="train", frames=9, height=32, width=32)
+  args.update(kwargs)
+  return moving_digits.render_scene(np.random.default_rng(seed), **args)
+
+
+def _colour_pixels(frame, rgb, tolerance=40):
+  """Pixels of `frame` whose colour is close to `rgb` (a digit's solid strokes)."""
+  return np.all(np.abs(frame.astype(int) - np.asarray(rgb)) < tolerance, axis=-1)
+
+
+def test_same_seed_same_scene_and_different_seed_differs():
+  a, caption_a, meta_a = _scene(3)
+  b, caption_b, meta_b = _scene(3)
+  c, _, _ = _scene(4)
+  np.testing.assert_array_equal(a, b)
+  assert caption_a == caption_b and meta_a == meta_b
+  assert not np.array_equal(a, c)
+
+
+def test_digit_is_where_metadata_says():
+  for seed in range(10):
+    video, _, meta = _scene(seed, max_digits=1)
+    (digit,) = meta["digits"]
+    size = meta["digit_size"]
+    for t, (y, x) in enumerate(digit["positions"]):
+      hits = _colour_pixels(video[t], digit["rgb"])
+      assert hits.sum() > 0
+      ys, xs = np.nonzero(hits)
+      # Every pixel of the digit's colour is inside its box.
+      assert ys.min() >= y and ys.max() < y + size and xs.min() >= x and xs.max() < x + size
+
+
+def test_digit_invisible_while_occluded_and_comes_out():
+  hidden_frames = 0
+  for seed in range(8):
+    video, caption, meta = _scene(seed, frames=13, height=32, width=48, occluder_width=14)
+    occ = meta["occluder"]
+    assert np.all(video[:, :, occ["x0"] : occ["x1"]] == moving_digits.OCCLUDER_RGB)
+    for digit in meta["digits"]:
+      assert digit["occluded_intervals"], "occlusion scenes aim every digit behind the bar"
+      assert "passes behind the grey bar" in caption
+      assert digit["visible_fraction"][0] > 0.5 or digit["visible_fraction"][-1] > 0.5  # Enters or leaves visible.
+      for start, end in digit["occluded_intervals"]:
+        for t in range(start, end):
+          hidden_frames += 1
+          others = [d for d in meta["digits"] if d is not digit and d["color"] == digit["color"]]
+          if not others:
+            assert _colour_pixels(video[t], digit["rgb"]).sum() == 0
+  assert hidden_frames > 0
+
+
+def test_caption_names_labels_colours_and_motion():
+  video, caption, meta = _scene(1, max_digits=2)
+  for digit in meta["digits"]:
+    assert f"{digit['color']} {digit['label']}" in caption
+  assert any(word in caption for word in ("moves", "falls", "rises"))
+
+
+def test_images_and_any_aspect_ratio():
+  image, caption, meta = _scene(0, frames=1, height=40, width=24)
+  assert image.shape == (1, 40, 24, 3) and meta["digits"][0]["visible_fraction"] == [1.0]
+  assert "moves" not in caption and any(w in caption for w in ("top", "bottom", "left", "right", "centre"))
+  wide, _, _ = _scene(0, frames=5, height=16, width=40, digit_size=10)
+  assert wide.shape == (5, 16, 40, 3)
+
+
+def test_splits_use_disjoint_digit_instances():
+  sets = [set(moving_digits.split_instances(s).tolist()) for s in moving_digits.SPLITS]
+  assert all(sets) and not (sets[0] & sets[1]) and not (sets[0] & sets[2]) and not (sets[1] & sets[2])
+  _, _, meta = _scene(5, split="test", max_digits=3)
+  assert all(d["instance"] in sets[2] for d in meta["digits"])
+
+
+def test_bad_sizes_are_usage_errors():
+  with pytest.raises(UsageError, match="digit_size"):
+    _scene(0, height=8, width=32, digit_size=12)
+  with pytest.raises(UsageError, match="colors"):
+    _scene(0, colors=("purple",))
