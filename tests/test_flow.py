@@ -293,7 +293,8 @@ def test_packed_batches_of_any_mix_run_on_the_mesh_with_one_compile(tiny_config)
   for i in range(300):
     text = np.zeros(tiny_config.text.max_length, np.int32)
     text[:3] = i % 200 + 1
-    examples.append(dict(latent=rng.normal(size=shapes[rng.integers(len(shapes))]).astype(np.float32), text_tokens=text))
+    latent = rng.normal(size=shapes[rng.integers(len(shapes))]).astype(np.float32)
+    examples.append(dict(latent=latent, text_tokens=text))
   mesh = mesh_lib.make_mesh(tiny_config)
 
   @jax.jit

@@ -1,5 +1,7 @@
 """Packing latent examples of mixed shapes into fixed-length rows (vidsim/data/packing.py)."""
 
+import json
+
 import grain
 import numpy as np
 import pytest
@@ -82,7 +84,8 @@ def test_every_token_is_its_patch_and_every_example_appears_once(tiny_config):
         caption = caption_of(batch["text_tokens"][row, k - 1])
         source = by_caption[caption]["latent"]
         segment = ids == k
-        rebuilt = patches.unpatchify(batch["tokens"][row][segment], batch["positions"][row][segment], patch, source.shape)
+        tokens, positions = batch["tokens"][row][segment], batch["positions"][row][segment]
+        rebuilt = patches.unpatchify(tokens, positions, patch, source.shape)
         np.testing.assert_array_equal(rebuilt, source)
         np.testing.assert_array_equal(batch["text_tokens"][row, k - 1], by_caption[caption]["text_tokens"])
         np.testing.assert_array_equal(batch["text_mask"][row, k - 1], by_caption[caption]["text_tokens"] > 0)
@@ -132,7 +135,7 @@ def test_resume_gives_the_same_next_batches(tiny_config):
   iterator = iter(dataset)
   for _ in range(3):
     next(iterator)
-  state = iterator.get_state()
+  state = json.loads(json.dumps(iterator.get_state()))  # What grain's Orbax handler stores.
   expected = [next(iterator) for _ in range(3)]
   resumed = iter(dataset)
   resumed.set_state(state)
@@ -160,7 +163,8 @@ def test_precomputed_text_embeddings(tiny_config):
   n = batch["segment_ids"][0].max()
   for k in range(1, n + 1):  # The embedding in slot k-1 is that of the example in segment k.
     source = examples[int(batch["text_embeddings"][0, k - 1, 0, 0])]["latent"]
-    np.testing.assert_array_equal(batch["tokens"][0][batch["segment_ids"][0] == k], patches.patchify(source, (1, 2, 2))[0])
+    segment = batch["segment_ids"][0] == k
+    np.testing.assert_array_equal(batch["tokens"][0][segment], patches.patchify(source, (1, 2, 2))[0])
   assert batch["text_mask"][0, :n, :5].all() and not batch["text_mask"][0, :n, 5:].any()
   examples[0]["text_embeddings"] = np.zeros((tiny_config.text.max_length, 7), np.float32)
   with pytest.raises(UsageError, match="text.embed_dim"):

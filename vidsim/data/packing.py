@@ -94,7 +94,8 @@ def _segment_text(example, config):
   else:
     if "text_embeddings" not in example or "text_mask" not in example:
       raise UsageError(
-          f"text.encoder=precomputed needs 'text_embeddings' and 'text_mask' in the latent cache; keys: {sorted(example)}"
+          "text.encoder=precomputed needs 'text_embeddings' and 'text_mask' in the latent cache; "
+          f"keys: {sorted(example)}"
       )
     text = dict(text_embeddings=np.asarray(example["text_embeddings"], np.float32))
     mask = np.asarray(example["text_mask"], bool)
