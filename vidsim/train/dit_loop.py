@@ -73,7 +73,7 @@ def packed_batches(config, workdir, split, manifest, rows_multiple, seed):
     )
   examples = latents_lib.latent_examples(config, workdir, split, manifest, seed=seed)
   rows = tc.rows_per_batch // jax.process_count()
-  return iter(packing.packed_dataset(examples.to_iter_dataset(), config, rows=rows, seed=seed))
+  return iter(packing.packed_dataset(examples, config, rows=rows))
 
 
 def train_dit(config, workdir, mesh):

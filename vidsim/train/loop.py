@@ -208,7 +208,8 @@ def _load_weights(state, path, spec):
   target = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state["params"])}
   target["ema"] = target["params"]
   restored = reader.manager.restore(
-      step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(target, partial_restore=True))
+      step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
   ).state
   state = dict(state, params=restored["params"], ema=restored["ema"])
   log.info("%s: initialised weights from %s step %d", spec.name, source, step)

@@ -149,25 +149,30 @@ def side_by_side(video, recon):
 
 
 def latent_stats(config, graphdef, params, mesh, batches: int = 8):
-  """Per-channel shift and scale of the latent means over training clips (EMA weights),
-  so the DiT sees latents of unit scale. Deterministic: a fresh, seeded iterator."""
+  """Per-channel shift and scale of posterior samples z = mean + std * eps over training
+  clips (EMA weights), so the latents the DiT sees have zero mean and unit variance:
+  var(z) = var(mean) + E[std^2]. Deterministic: a fresh, seeded iterator."""
   data = iter(pipeline.pixel_dataset(
       config, config.data.train_split, batch_multiple=mesh_lib.data_parallel_size(mesh, config), seed=config.seed + 1))
-  encode = jax.jit(lambda p, v: nnx.merge(graphdef, p).encode(v)[0])
-  sums = np.zeros((config.vae.latent_channels,), np.float64)
-  squares = np.zeros_like(sums)
+
+  @jax.jit
+  def moments(p, video):
+    mean, logvar = nnx.merge(graphdef, p).encode(video)
+    mean = mean.astype(jnp.float32)
+    axes = tuple(range(mean.ndim - 1))
+    return jnp.sum(mean, axes), jnp.sum(mean**2, axes), jnp.sum(jnp.exp(logvar.astype(jnp.float32)), axes)
+
+  totals = np.zeros((3, config.vae.latent_channels), np.float64)
   count = 0
   for _ in range(batches):
     host = next(data)
     video = mesh_lib.make_global_batch({"video": host["video"]}, mesh, config)["video"]
-    mean = encode(params, video)
-    axes = tuple(range(mean.ndim - 1))
-    sums += np.asarray(jax.device_get(jnp.sum(mean, axis=axes)), np.float64)
-    squares += np.asarray(jax.device_get(jnp.sum(mean.astype(jnp.float32) ** 2, axis=axes)), np.float64)
-    count += int(np.prod(mean.shape[:-1]))
-  shift = sums / count
-  scale = np.sqrt(np.maximum(squares / count - shift**2, 1e-12))
-  return shift.astype(np.float32), scale.astype(np.float32)
+    totals += np.asarray(jax.device_get(moments(params, video)), np.float64)
+    latent = vae_lib.latent_shape(config, *video.shape[1:4])
+    count += video.shape[0] * int(np.prod(latent[:3]))
+  shift = totals[0] / count
+  variance = np.maximum(totals[1] / count - shift**2, 0.0) + totals[2] / count
+  return shift.astype(np.float32), np.sqrt(np.maximum(variance, 1e-12)).astype(np.float32)
 
 
 # ------------------------------------------------------------------ using a trained VAE
@@ -201,7 +206,8 @@ class TrainedVAE:
         "latent_scale": as_target(jax.ShapeDtypeStruct(channels, jnp.float32)),
     }
     restored = reader.manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(target, partial_restore=True))).state
+        step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))).state
     reader.close()
     # Host copies: processes encode different shards, so they must not share collectives.
     self.params = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), restored["ema"])
