@@ -149,3 +149,22 @@ def test_decode_example_and_data_source(mixed_config):
   assert example["caption"] and example["metadata"]["digits"]
   window = pipeline.decode_example(source[0], frame_range=(0, 1))["video"]
   np.testing.assert_array_equal(window, video[:1])
+
+
+def test_global_batch_is_sharded_over_data_and_fsdp(mixed_config):
+  import jax
+
+  from vidsim import mesh as mesh_lib
+
+  with mixed_config.unlocked():
+    mixed_config.mesh.ici.data = 4
+    mixed_config.mesh.ici.fsdp = 2
+  mesh = mesh_lib.make_mesh(mixed_config)
+  multiple = mesh_lib.data_parallel_size(mesh, mixed_config)
+  local = next(iter(pipeline.pixel_dataset(mixed_config, "train", batch_multiple=multiple)))
+  batch = pipeline.global_batch(local, mesh, mixed_config)
+  assert isinstance(batch["video"], jax.Array) and batch["video"].shape == local["video"].shape
+  assert batch["video"].shape[0] % 8 == 0
+  assert batch["video"].sharding.spec[0] == ("data", "fsdp")
+  np.testing.assert_array_equal(np.asarray(batch["video"]), local["video"])
+  assert list(batch["caption"]) == list(local["caption"])

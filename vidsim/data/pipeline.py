@@ -363,3 +363,17 @@ def pixel_dataset(config, split, *, batch_multiple=1, process_index=None, proces
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=config.data.worker_count, per_worker_buffer_size=max(1, config.data.prefetch)))
   return ds
+
+
+def global_batch(local_batch: dict, mesh, config) -> dict:
+  """This process's batch -> jax.Arrays sharded over the batch rule (data, fsdp).
+
+  Captions stay host-local numpy strings (jax has no string arrays): the text encoder
+  tokenizes them per process before they join the batch.
+  """
+  from vidsim.mesh import make_global_batch
+
+  numeric = {k: v for k, v in local_batch.items() if k != "caption"}
+  out = make_global_batch(numeric, mesh, config)
+  out["caption"] = local_batch["caption"]
+  return out
