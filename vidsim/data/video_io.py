@@ -15,7 +15,7 @@ from vidsim.errors import UsageError
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".m4v", ".gif")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-_WRITE_CODECS = {".mp4": ("libx264", "yuv420p"), ".webm": ("libvpx-vp9", "yuv420p"), ".gif": ("gif", "rgb8")}
+_WRITE_CODECS = {".mp4": ("libx264", "yuv420p"), ".webm": ("libvpx-vp9", "yuv420p"), ".gif": ("pil", "")}
 
 
 # ------------------------------------------------------------------ frames <-> bytes
@@ -110,7 +110,7 @@ def read_video(path, max_frames: int = 0, fps: float = 0.0, max_area: int = 0):
 
 
 def write_video(path, frames: np.ndarray, fps: float) -> None:
-  """uint8 [T, H, W, 3] -> .mp4 (H.264), .webm (VP9) or .gif, by extension."""
+  """uint8 [T, H, W, 3] -> .mp4 (H.264, PyAV), .webm (VP9, PyAV) or .gif (PIL), by extension."""
   extension = os.path.splitext(str(path))[1].lower()
   if extension not in _WRITE_CODECS:
     raise UsageError(f"cannot write video {path}: extension must be one of {sorted(_WRITE_CODECS)}")
@@ -118,11 +118,17 @@ def write_video(path, frames: np.ndarray, fps: float) -> None:
   if frames.ndim != 4 or frames.shape[-1] != 3:
     raise UsageError(f"write_video expects uint8 [T, H, W, 3], got shape {frames.shape}")
   codec, pix_fmt = _WRITE_CODECS[extension]
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  if codec == "pil":
+    # PyAV's gif encoder gets only a fixed 3-3-2 palette from rgb24; PIL picks one per frame.
+    images = [Image.fromarray(f) for f in frames]
+    images[0].save(path, format="GIF", save_all=True, append_images=images[1:],
+                   duration=max(1, round(1000 / fps)), loop=0)
+    return
   if pix_fmt == "yuv420p":
     # 4:2:0 chroma needs even sizes: pad by repeating the last row/column.
     pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
     frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   rate = max(1, int(round(fps)))
   with av.open(str(path), mode="w") as container:
     stream = container.add_stream(codec, rate=rate)
