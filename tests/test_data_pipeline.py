@@ -9,19 +9,14 @@ from vidsim.data import pipeline, prepare
 BUCKETS = ((5, 16, 16), (5, 16, 24), (5, 24, 16), (1, 16, 16))
 
 
-@pytest.fixture(scope="module")
-def mixed_config(tmp_path_factory, repo_root_module):
-  config = config_lib.load_config(str(repo_root_module / "experiments" / "digits_tiny.py"))
-  with config.unlocked():
-    config.data.data_dir = str(tmp_path_factory.mktemp("datasets"))
-    config.data.builder_config = "mixed"
-    config.data.buckets = BUCKETS
-    config.data.batch_size = 4
-    config.data.max_batch_multiplier = 2
-    config.moving_digits.train_examples = 40
-    config.moving_digits.eval_examples = 8
-  prepare(config)
-  return config
+OVERRIDES = (
+    "--config.data.builder_config=mixed",
+    f"--config.data.buckets={BUCKETS}",
+    "--config.data.batch_size=4",
+    "--config.data.max_batch_multiplier=2",
+    "--config.moving_digits.train_examples=40",
+    "--config.moving_digits.eval_examples=8",
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +24,15 @@ def repo_root_module():
   import pathlib
 
   return pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def mixed_config(tmp_path_factory, repo_root_module):
+  data_dir = tmp_path_factory.mktemp("datasets")
+  config = config_lib.load_config(str(repo_root_module / "experiments" / "digits_tiny.py"),
+                                  OVERRIDES + (f"--config.data.data_dir={data_dir}",))
+  prepare(config)
+  return config
 
 
 def _take(iterator, n):
@@ -108,6 +112,41 @@ def test_resume_from_orbax_checkpoint_gives_identical_batches(mixed_config, tmp_
   _assert_same(expected, _take(fresh, 6))
 
 
+_RESTORE_IN_NEW_PROCESS = """
+import sys, grain, numpy as np, orbax.checkpoint as ocp
+from vidsim import config as config_lib
+from vidsim.data import pipeline
+config = config_lib.load_config(sys.argv[1], sys.argv[4:])
+iterator = iter(pipeline.pixel_dataset(config, "train"))
+ocp.Checkpointer(grain.checkpoint.CheckpointHandler()).restore(
+    sys.argv[2], args=grain.checkpoint.CheckpointRestore(iterator))
+batches = [next(iterator) for _ in range(3)]
+np.savez(sys.argv[3], **{f"{k}{i}": b[k] for i, b in enumerate(batches) for k in ("video", "example_id", "bucket")})
+"""
+
+
+def test_resume_in_a_new_process_gives_identical_batches(mixed_config, repo_root_module, tmp_path):
+  import subprocess
+  import sys
+
+  import grain
+  import orbax.checkpoint as ocp
+
+  iterator = iter(pipeline.pixel_dataset(mixed_config, "train"))
+  _take(iterator, 4)
+  ocp.Checkpointer(grain.checkpoint.CheckpointHandler()).save(
+      tmp_path / "iter", args=grain.checkpoint.CheckpointSave(iterator))
+  expected = _take(iterator, 3)
+  out = tmp_path / "next.npz"
+  args = [sys.executable, "-c", _RESTORE_IN_NEW_PROCESS, str(repo_root_module / "experiments" / "digits_tiny.py"),
+          str(tmp_path / "iter"), str(out), *OVERRIDES, f"--config.data.data_dir={mixed_config.data.data_dir}"]
+  subprocess.run(args, check=True, cwd=repo_root_module, timeout=120)
+  restored = np.load(out)
+  for i, batch in enumerate(expected):
+    for key in ("video", "example_id", "bucket"):
+      np.testing.assert_array_equal(restored[f"{key}{i}"], batch[key])
+
+
 def test_two_processes_get_disjoint_rows_that_cover_the_epoch(mixed_config):
   streams = [iter(pipeline.pixel_dataset(mixed_config, "train", process_index=p, process_count=2))
              for p in range(2)]
@@ -156,13 +195,14 @@ def test_global_batch_is_sharded_over_data_and_fsdp(mixed_config):
 
   from vidsim import mesh as mesh_lib
 
-  with mixed_config.unlocked():
-    mixed_config.mesh.ici.data = 4
-    mixed_config.mesh.ici.fsdp = 2
-  mesh = mesh_lib.make_mesh(mixed_config)
-  multiple = mesh_lib.data_parallel_size(mesh, mixed_config)
-  local = next(iter(pipeline.pixel_dataset(mixed_config, "train", batch_multiple=multiple)))
-  batch = pipeline.global_batch(local, mesh, mixed_config)
+  config = config_lib.from_json(config_lib.to_json(mixed_config))
+  with config.unlocked():
+    config.mesh.ici.data = 4
+    config.mesh.ici.fsdp = 2
+  mesh = mesh_lib.make_mesh(config)
+  multiple = mesh_lib.data_parallel_size(mesh, config)
+  local = next(iter(pipeline.pixel_dataset(config, "train", batch_multiple=multiple)))
+  batch = pipeline.global_batch(local, mesh, config)
   assert isinstance(batch["video"], jax.Array) and batch["video"].shape == local["video"].shape
   assert batch["video"].shape[0] % 8 == 0
   assert batch["video"].sharding.spec[0] == ("data", "fsdp")
