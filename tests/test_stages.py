@@ -1,0 +1,121 @@
+"""The stages chained on the tiny config: train-vae -> encode -> train, as a user runs them."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from vidsim import config as config_lib
+from vidsim import latents as latents_lib
+from vidsim import mesh as mesh_lib
+from vidsim.errors import UsageError
+from vidsim.train.metrics import read_metrics
+
+pytestmark = pytest.mark.slow
+
+
+def _tiny(repo_root, **overrides):
+  args = [f"--config.{k}={v}" for k, v in overrides.items()]
+  return config_lib.load_config(str(repo_root / "experiments" / "digits_tiny.py"), args)
+
+
+@pytest.fixture(scope="module")
+def trained_vae(tmp_path_factory):
+  """A workdir with a 4-step tiny VAE and its data (built once for this module)."""
+  from vidsim.data import commands
+  from vidsim.train.vae_loop import train_vae
+
+  root = tmp_path_factory.mktemp("stages")
+  os.environ["VIDSIM_DATA_DIR"] = str(root / "data")
+  repo = __import__("pathlib").Path(__file__).resolve().parent.parent
+  config = _tiny(repo, peak_flops_per_device=1e10)
+  commands.prepare(config)
+  mesh = mesh_lib.make_mesh(config)
+  train_vae(config, root / "work", mesh)
+  return root / "work", config
+
+
+def test_vae_stage_writes_metrics_recon_and_latent_stats(trained_vae):
+  workdir, config = trained_vae
+  rows = read_metrics(workdir / "vae" / "metrics.jsonl")
+  assert [r["step"] for r in rows] == [1, 2, 3, 4]
+  for key in ("loss", "recon", "kl", "psnr", "step_time_s", "clips_per_s", "mfu"):
+    assert key in rows[-1], key
+  assert list((workdir / "vae" / "recon").glob("step_*.gif"))
+  assert json.loads((workdir / "config.json").read_text())["vae"] == config.vae.to_dict() | {
+      "widths": list(config.vae.widths)}
+  from vidsim.train.vae_loop import TrainedVAE
+
+  vae = TrainedVAE(config, workdir, mesh_lib.make_mesh(config))
+  assert vae.step == 4
+  assert np.all(vae.scale > 0) and not np.allclose(vae.scale, 1.0)  # Computed from data.
+
+
+def _encode_cmd(workdir, repo_root, per_shard):
+  return [sys.executable, "-m", "vidsim", "encode", "--config", str(repo_root / "experiments/digits_tiny.py"),
+          "--workdir", str(workdir), f"--config.encode.examples_per_shard={per_shard}", "--config.encode.batch_size=2"]
+
+
+def _cache_ids(workdir, split):
+  manifest = latents_lib.load_manifest(workdir)
+  source = latents_lib.cache_source(workdir, split, manifest)
+  return sorted(int(latents_lib.read_record(source[i])["index"]) for i in range(len(source))), manifest
+
+
+def test_encode_survives_sigkill_without_duplicates_or_gaps(trained_vae, repo_root):
+  workdir, _ = trained_vae
+  env = dict(os.environ)
+  proc = subprocess.Popen(_encode_cmd(workdir, repo_root, per_shard=2), env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  cache = workdir / "latents"
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if len(list(cache.glob("train-*.array_record"))) >= 3:
+      proc.send_signal(signal.SIGKILL)
+      break
+    time.sleep(0.02)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL, "encode finished before it could be killed"
+  assert not (cache / "manifest.json").exists()
+  done_before = len(list(cache.glob("train-*.array_record")))
+  assert 3 <= done_before < 32
+
+  rerun = subprocess.run(_encode_cmd(workdir, repo_root, per_shard=2), env=env, capture_output=True, text=True)
+  assert rerun.returncode == 0, rerun.stderr[-2000:]
+  assert f"{32 - done_before} to encode, {done_before} already done" in rerun.stderr
+  ids, manifest = _cache_ids(workdir, "train")
+  assert ids == list(range(64))  # Every example once: no duplicates, no gaps.
+  assert manifest["splits"]["train"]["num_examples"] == 64
+  assert not list(cache.glob("*.tmp-*"))
+
+
+def test_dit_trains_on_the_cache_and_refuses_another_vaes_cache(trained_vae):
+  from vidsim.train.dit_loop import train_dit
+
+  workdir, config = trained_vae
+  mesh = mesh_lib.make_mesh(config)
+  if not (workdir / "latents" / "manifest.json").exists():
+    latents_lib.encode_cache(config, workdir, mesh)
+  state = train_dit(config, workdir, mesh)
+  assert int(state["step"]) == config.train.steps
+  rows = read_metrics(workdir / "dit" / "metrics.jsonl")
+  assert rows[-1]["step"] == config.train.steps
+  for key in ("loss", "loss_t00_25", "grad_norm", "tokens_per_s", "mfu", "packing_efficiency", "flops_per_step"):
+    assert key in rows[-1], key
+  assert 0.3 < rows[-1]["packing_efficiency"] <= 1.0
+
+  manifest_path = workdir / "latents" / "manifest.json"
+  original = manifest_path.read_text()
+  manifest = json.loads(original)
+  manifest["vae_fingerprint"] = "0000000000000000"
+  manifest_path.write_text(json.dumps(manifest))
+  try:
+    with pytest.raises(UsageError, match="made by VAE 0000000000000000"):
+      train_dit(config, workdir, mesh)
+  finally:
+    manifest_path.write_text(original)
