@@ -269,13 +269,14 @@ def test_cfg_batches_both_branches_in_one_call():
   def model_fn(x, t, drop_text, row_inputs):
     calls.append(x.shape[0])
     assert row_inputs["ids"].shape[0] == x.shape[0]
-    return x * jnp.where(drop_text, 1.0, 3.0)[..., None]  # v_u = x, v_c = 3x.
+    assert drop_text.shape == (x.shape[0], 2)
+    return x * jnp.where(drop_text[:, :1], 1.0, 3.0)[..., None]  # v_u = x, v_c = 3x.
 
   x = jax.random.normal(jax.random.key(0), (3, 5, P))
-  v = flow.cfg_velocity(model_fn, 2.0, row_inputs={"ids": jnp.zeros((3, 5))})(x, jnp.zeros((3, 5)))
+  v = flow.cfg_velocity(model_fn, 2.0, row_inputs={"ids": jnp.zeros((3, 5))}, num_segments=2)(x, jnp.zeros((3, 5)))
   np.testing.assert_allclose(v, 5 * x, rtol=1e-6)  # x + 2 (3x - x).
   assert calls == [6]
-  v = flow.cfg_velocity(model_fn, 1.0, row_inputs={"ids": jnp.zeros((3, 5))})(x, jnp.zeros((3, 5)))
+  v = flow.cfg_velocity(model_fn, 1.0, row_inputs={"ids": jnp.zeros((3, 5))}, num_segments=2)(x, jnp.zeros((3, 5)))
   np.testing.assert_allclose(v, 3 * x, rtol=1e-6)
   assert calls == [6, 3]
 
@@ -309,3 +310,52 @@ def test_packed_batches_of_any_mix_run_on_the_mesh_with_one_compile(tiny_config)
       # A zero velocity misses |eps - x0|^2: about 2 per feature for unit-variance x0.
       assert 1.0 < float(loss) < 3.0 and float(metrics["loss_tokens"]) > 0
   assert step >= 2 and loss_of_zero_model._cache_size() == 1
+
+
+def scanned_net():
+  """(graphdef, params) of a tiny NNX net with nnx.scan over stacked layers, like the DiT's blocks."""
+  from flax import nnx
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      @nnx.split_rngs(splits=2)
+      @nnx.vmap(in_axes=(0,), out_axes=0)
+      def make(rngs):
+        return nnx.Linear(P, P, rngs=rngs)
+
+      self.layers = make(rngs)
+
+    def __call__(self, x, t):
+      def body(carry, layer):
+        return jnp.tanh(layer(carry)) * (1 + t[..., None])
+
+      return nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(x, self.layers)
+
+  return nnx.split(Net(nnx.Rngs(0)))
+
+
+def test_nnx_model_weights_ride_in_the_loop_carry():
+  """Weights traced by an outer jit reach an NNX model inside the sampling loop via params=."""
+  from flax import nnx
+
+  graphdef, params = scanned_net()
+  x_T = jax.random.normal(jax.random.key(0), (2, 3, P))
+
+  @jax.jit
+  def sample(params, x_T):
+    velocity = flow.cfg_velocity(lambda x, t, drop, p: nnx.merge(graphdef, p)(x, t) * (1 + drop[:, :1, None]), 3.0)
+    return flow.sample_ode(velocity, x_T, 4, sampler="heun", params=params)
+
+  out = sample(params, x_T)
+  # The same loop, unrolled in Python.
+  @jax.jit
+  def v(x, t, params):
+    v_cond = nnx.merge(graphdef, params)(x, t)
+    return 2 * v_cond + 3.0 * (v_cond - 2 * v_cond)  # v_u + 3 (v_c - v_u) with v_u = 2 v_c.
+
+  x, grid = x_T, np.linspace(1.0, 0.0, 5, dtype=np.float32)
+  for i in range(4):
+    dt = grid[i + 1] - grid[i]
+    k1 = v(x, jnp.full((2, 3), grid[i]), params)
+    x = x + dt * 0.5 * (k1 + v(x + dt * k1, jnp.full((2, 3), grid[i + 1]), params))
+  np.testing.assert_allclose(out, x, atol=1e-5)

@@ -229,13 +229,17 @@ def _time_at(t_grid, i, token_shape):
   return jnp.broadcast_to(t, token_shape)
 
 
-def sample_ode(velocity_fn, x_T, t_grid, clean_mask=None, x_clean=None, sampler: str = "euler"):
+def sample_ode(velocity_fn, x_T, t_grid, clean_mask=None, x_clean=None, sampler: str = "euler", params=None):
   """Integrates dx/dt = v from t_grid[0] (noise) to t_grid[-1] = 0, in one lax.fori_loop.
 
-  velocity_fn(x [R, L, P], t [R, L]) -> v. t_grid: [N + 1] shared, or [R, N + 1]
-  per row, or [R, L, N + 1] per token; an int N means a plain linear grid 1 -> 0
-  (use `sample_time_grid` for the training shift). Tokens in clean_mask [R, L] are
-  held at x_clean exactly, and the model sees them at t = 0 at every evaluation.
+  velocity_fn(x [R, L, P], t [R, L]) -> v, or velocity_fn(x, t, params) when params
+  (any pytree, e.g. the model's nnx.State) is given: params rides in the loop carry.
+  Pass traced model weights that way: flax NNX refuses to merge a module inside the
+  loop body from tracers closed over from the enclosing jit.
+  t_grid: [N + 1] shared, or [R, N + 1] per row, or [R, L, N + 1] per token; an int
+  N means a plain linear grid 1 -> 0 (use `sample_time_grid` for the training
+  shift). Tokens in clean_mask [R, L] are held at x_clean exactly, and the model
+  sees them at t = 0 at every evaluation.
   Euler: x += dt v(x, t). Heun: the trapezoid of v at both ends of the step.
   """
   if sampler not in SAMPLERS:
@@ -252,40 +256,45 @@ def sample_ode(velocity_fn, x_T, t_grid, clean_mask=None, x_clean=None, sampler:
   def hold(x):
     return jnp.where(keep, x_clean, x)
 
-  def velocity(x, t):
-    return velocity_fn(hold(x), jnp.where(clean_mask, 0.0, t))
+  def step(i, carry):
+    x, loop_params = carry
+    extra = () if params is None else (loop_params,)
 
-  def step(i, x):
+    def velocity(x, t):
+      return velocity_fn(hold(x), jnp.where(clean_mask, 0.0, t), *extra)
+
     t_now, t_next = _time_at(t_grid, i, token_shape), _time_at(t_grid, i + 1, token_shape)
     dt = (t_next - t_now)[..., None]
     v = velocity(x, t_now)
     x_euler = x + dt * v
-    if sampler == "euler":
-      return hold(x_euler)
-    v_next = velocity(x_euler, t_next)
-    return hold(x + dt * 0.5 * (v + v_next))
+    if sampler == "heun":
+      x_euler = x + dt * 0.5 * (v + velocity(x_euler, t_next))
+    return hold(x_euler), loop_params
 
-  return jax.lax.fori_loop(0, t_grid.shape[-1] - 1, step, hold(x_T))
+  x, _ = jax.lax.fori_loop(0, t_grid.shape[-1] - 1, step, (hold(x_T), params))
+  return x
 
 
-def cfg_velocity(model_fn, guidance: float, row_inputs=None):
+def cfg_velocity(model_fn, guidance: float, row_inputs=None, num_segments: int = 1):
   """A velocity_fn for classifier-free guidance, both branches in ONE forward pass.
 
   The rows are doubled (conditional first, then unconditional) and
-  model_fn(x [2R, L, P], t [2R, L], drop_text bool [2R, 1], *row_inputs) is called
-  once; drop_text broadcasts over the K segments of a row. row_inputs (an optional
-  pytree with a leading row axis, e.g. segment ids, positions and text) is tiled to
-  2R rows. Returns v = v_u + g (v_c - v_u); guidance 1 runs the conditional branch only.
+  model_fn(x [2R, L, P], t [2R, L], drop_text bool [2R, K], [row_inputs], [params])
+  is called once, K = num_segments (all of a row's segments share the branch).
+  row_inputs (an optional pytree with a leading row axis, e.g. positions, segment
+  ids and text) is tiled to 2R rows; params (from `sample_ode(..., params=)`) is
+  passed through. Returns v = v_u + g (v_c - v_u); guidance 1 (a Python float)
+  runs the conditional branch only.
   """
-  extra = () if row_inputs is None else (row_inputs,)
+  tiled = () if row_inputs is None else (row_inputs,)
 
-  def velocity_fn(x, t):
+  def velocity_fn(x, t, *params):
     rows = x.shape[0]
     if guidance == 1.0:
-      return model_fn(x, t, jnp.zeros((rows, 1), bool), *extra)
-    doubled = jax.tree.map(lambda a: jnp.concatenate([a, a], axis=0), (x, t) + extra)
-    drop = jnp.concatenate([jnp.zeros((rows, 1), bool), jnp.ones((rows, 1), bool)], axis=0)
-    v = model_fn(doubled[0], doubled[1], drop, *doubled[2:])
+      return model_fn(x, t, jnp.zeros((rows, num_segments), bool), *tiled, *params)
+    doubled = jax.tree.map(lambda a: jnp.concatenate([a, a], axis=0), (x, t) + tiled)
+    drop = jnp.repeat(jnp.asarray([False, True]), rows)[:, None] & jnp.ones((1, num_segments), bool)
+    v = model_fn(doubled[0], doubled[1], drop, *doubled[2:], *params)
     v_cond, v_uncond = v[:rows], v[rows:]
     return v_uncond + guidance * (v_cond - v_uncond)
 
