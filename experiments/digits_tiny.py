@@ -47,4 +47,5 @@ def get_config():
   c.sample.frames = 5
   c.sample.height = 16
   c.sample.width = 16
+  c.sample.window_frames = 9  # 3 latent frames: room for a loop's bridge (1 clean at each end).
   return c

@@ -60,6 +60,31 @@ def _train_cmd(sub):
   return p
 
 
+def _sample_cmd(sub):
+  p = sub.add_parser("sample", help="generate videos or images with the trained DiT (every task)")
+  _add_config_arg(p)
+  _add_workdir_arg(p)
+  p.add_argument("--prompt", required=True, help="text prompt")
+  p.add_argument("--out", required=True, help="output: .mp4 / .gif / .webm video, or .png for one frame")
+  p.add_argument("--task", default="", choices=["t2v", "t2i", "i2v", "extend-forward", "extend-backward", "loop",
+                                                "edit", "connect"],
+                 help="default: i2v with --image, t2i with --frames 1, else t2v")
+  p.add_argument("--frames", type=int, default=None, help="output frames (extend: total length; default sample.frames)")
+  p.add_argument("--height", type=int, default=None, help="output height (default sample.height or the input's)")
+  p.add_argument("--width", type=int, default=None, help="output width (default sample.width or the input's)")
+  p.add_argument("--fps", type=float, default=None, help="output frame rate (default: the input's or sample.fps)")
+  p.add_argument("--seed", type=int, default=None, help="noise seed (default: config seed)")
+  p.add_argument("--num-samples", type=int, default=1, help="samples per prompt (O_0.mp4, O_1.mp4, ...)")
+  p.add_argument("--steps", type=int, default=None, help="ODE steps (default sample.steps)")
+  p.add_argument("--sampler", default=None, choices=["euler", "heun"], help="ODE sampler (default sample.sampler)")
+  p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = off)")
+  p.add_argument("--image", default="", help="i2v: the first frame (PNG/JPEG)")
+  p.add_argument("--video", default="", help="extend-forward/-backward, edit: the source; connect: the first clip")
+  p.add_argument("--video2", default="", help="connect: the second clip")
+  p.add_argument("--strength", type=float, default=None, help="edit: SDEdit start time in (0, 1]")
+  return p
+
+
 def _demo_cmd(sub):
   p = sub.add_parser("demo", help="every built stage, end to end, on the embedded world")
   p.add_argument("--config", default="", help="experiment file (default: experiments/digits_demo.py)")
@@ -82,6 +107,7 @@ COMMANDS = {
     "train-vae": (_train_vae_cmd, "vidsim.train.vae_loop:run_train_vae"),
     "encode": (_encode_cmd, "vidsim.latents:run_encode"),
     "train": (_train_cmd, "vidsim.train.dit_loop:run_train"),
+    "sample": (_sample_cmd, "vidsim.sample:run_sample"),
     "bench": (_bench_cmd, "vidsim.bench:run_bench"),
     "demo": (_demo_cmd, "vidsim.demo:run_demo"),
 }

@@ -213,6 +213,10 @@ def base_config() -> ConfigDict:
   c.sample.height = 32  # Output height in pixels.
   c.sample.width = 32  # Output width in pixels.
   c.sample.fps = 8.0  # Output frame rate.
+  c.sample.window_frames = 0  # Pixel frames per generation window of extend/loop/connect (0 = sample.frames).
+  c.sample.overlap_latent_frames = 0  # Latent frames given clean where windows meet (0 = max(1, window // 3)).
+  c.sample.edit_strength = 0.6  # Default --strength of edit: SDEdit start time in (0, 1] (1 = ignore the source).
+  c.sample.decode_tile_overlap = 0  # Overlap in pixels of tiled-decode tiles (0 = encode.tile_size // 2).
 
   # ---------------------------------------------------------------- benchmarks
   c.bench = ConfigDict()
