@@ -238,3 +238,21 @@ def make_global_batch(local_batch, mesh: Mesh, config):
     return jax.make_array_from_process_local_data(sharding, x)
 
   return jax.tree.map(put, local_batch)
+
+
+def to_host(tree):
+  """numpy copies of jax.Arrays that may span other processes' devices.
+
+  Replicated arrays are read from a local copy; sharded ones are all-gathered (every
+  process must call this for them, as for any collective).
+  """
+  from jax.experimental import multihost_utils
+
+  def fetch(x):
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+      return np.asarray(jax.device_get(x))
+    if x.is_fully_replicated:
+      return np.asarray(x.addressable_data(0))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+  return jax.tree.map(fetch, tree)

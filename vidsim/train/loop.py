@@ -101,7 +101,7 @@ def run(spec: StageSpec, config, workdir, mesh):
     state = jax.jit(spec.init_state, out_shardings=spec.state_shardings)()
     if config.init_from:
       state = _load_weights(state, config.init_from, spec)
-  step = int(jax.device_get(state["step"]))
+  step = int(mesh_lib.to_host(state["step"]))
   metrics_writer = MetricsWriter(stage_dir, resume_step=step)
 
   # ---------------------------------------------------------------- the compiled step
@@ -119,7 +119,7 @@ def run(spec: StageSpec, config, workdir, mesh):
         batch = spec.to_global(host_batch)
         state, step_metrics = jitted_step(state, batch)
         step += 1
-        in_a_row = int(jax.device_get(state["nonfinite_in_a_row"]))
+        in_a_row = int(mesh_lib.to_host(state["nonfinite_in_a_row"]))
         elapsed = timer.lap()
         window.add(elapsed, spec.batch_flops(host_batch), spec.batch_units(host_batch))
         bar.update(1)
@@ -174,8 +174,8 @@ class _Window:
 
 
 def _log_row(step_metrics, state, window, peak, summarize_units=None):
-  row = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-  row["nonfinite_total"] = int(jax.device_get(state["nonfinite_total"]))
+  row = {k: float(v) for k, v in mesh_lib.to_host(step_metrics).items()}
+  row["nonfinite_total"] = int(mesh_lib.to_host(state["nonfinite_total"]))
   if window.steps and summarize_units is not None:
     row.update(summarize_units(window.units))
   if window.steps:

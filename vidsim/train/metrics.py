@@ -52,7 +52,6 @@ class MetricsWriter:
 
 
 def _scalar(value):
-  value = jax.device_get(value)
   try:
     return float(value)
   except (TypeError, ValueError):

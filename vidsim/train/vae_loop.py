@@ -82,10 +82,11 @@ def train_vae(config, workdir, mesh):
       """Validation clips next to their reconstruction (EMA weights), plus val PSNR."""
       video = to_global(eval_batch)["video"]
       recon = reconstruct(state["ema"], video)
-      value = float(psnr(video, recon))
+      value = float(mesh_lib.to_host(psnr(video, recon)))
       log.info("step %d: validation PSNR %.2f dB (EMA weights)", step, value)
+      video, recon = mesh_lib.to_host((video, recon))
       if is_chief():
-        grid = side_by_side(np.asarray(jax.device_get(video))[:4], np.asarray(jax.device_get(recon))[:4])
+        grid = side_by_side(video[:4], recon[:4])
         out = stage_dir / "recon" / f"step_{step:06d}.gif"
         out.parent.mkdir(parents=True, exist_ok=True)
         write_video(out, grid, fps=float(eval_batch["fps"][0]))
@@ -167,7 +168,7 @@ def latent_stats(config, graphdef, params, mesh, batches: int = 8):
   for _ in range(batches):
     host = next(data)
     video = mesh_lib.make_global_batch({"video": host["video"]}, mesh, config)["video"]
-    totals += np.asarray(jax.device_get(moments(params, video)), np.float64)
+    totals += np.asarray(mesh_lib.to_host(moments(params, video)), np.float64)
     latent = vae_lib.latent_shape(config, *video.shape[1:4])
     count += video.shape[0] * int(np.prod(latent[:3]))
   shift = totals[0] / count
