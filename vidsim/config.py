@@ -169,8 +169,8 @@ def base_config() -> ConfigDict:
   c.flow = ConfigDict()
   c.flow.logit_normal_mean = 0.0  # Timestep logit-normal location.
   c.flow.logit_normal_std = 1.0  # Timestep logit-normal scale.
-  c.flow.shift_base_tokens = 256  # Tokens at which the timestep shift is 1 (SD3 / Open-Sora 2.0).
-  c.flow.shift_max = 3.0  # Timestep shift cap for the longest sequences.
+  c.flow.shift_base_tokens = 32  # Segment tokens up to which the timestep shift is 1; s = sqrt(n / base) above.
+  c.flow.shift_max = 3.0  # Timestep shift cap for the longest sequences (SD3 uses 3 at 16x its base).
   # Conditioning-frame training: probability that a video gets these latent frames clean.
   c.flow.cond_first_frame = 0.1  # First frame (image-to-video).
   c.flow.cond_last_frame = 0.05  # Last frame.

@@ -30,13 +30,14 @@ def segment_token_counts(segment_ids, num_segments: int):
 
 
 def timestep_shift(token_counts, config):
-  """The resolution shift s per sequence: s = clip(sqrt(n / n_base), 1 / s_max, s_max).
+  """The resolution shift s per sequence: s = clip(sqrt(n / n_base), 1, s_max).
 
   SD3 (Esser et al. 2024, sec. 5.3.2) shifts by sqrt(m / n) for m pixels against a
-  base of n; Open-Sora 2.0 does the same with the token count of the clip. More
-  tokens carry more redundant signal, so the same t destroys less information: the
-  shift moves training and sampling towards higher noise. s = 1 at
-  config.flow.shift_base_tokens; config.flow.shift_max bounds it both ways.
+  base of n; Open-Sora 2.0 shifts by the token count of the clip. More tokens carry
+  more redundant signal, so the same t destroys less information: the shift moves
+  training and sampling towards higher noise. n_base = config.flow.shift_base_tokens,
+  s_max = config.flow.shift_max. Never below 1: short sequences (images) keep the
+  plain logit-normal rather than training mostly at low noise.
   """
   shift_max = float(config.flow.shift_max)
   if shift_max < 1.0 or config.flow.shift_base_tokens <= 0:
@@ -45,7 +46,7 @@ def timestep_shift(token_counts, config):
         f"(got {config.flow.shift_base_tokens})"
     )
   ratio = jnp.asarray(token_counts, jnp.float32) / float(config.flow.shift_base_tokens)
-  return jnp.clip(jnp.sqrt(ratio), 1.0 / shift_max, shift_max)
+  return jnp.clip(jnp.sqrt(ratio), 1.0, shift_max)
 
 
 def shift_time(t, shift):
