@@ -25,8 +25,7 @@ K = 2  # Segments per row in these tests.
 
 def build(config, seed=0, mesh=None):
   if mesh is None:
-    with nnx.use_eager_sharding(False):
-      return DiT(config, rngs=nnx.Rngs(seed))
+    return DiT(config, rngs=nnx.Rngs(seed))  # No mesh: unsharded params.
   with mesh_lib.activate(mesh, config):
     return DiT(config, rngs=nnx.Rngs(seed))
 
@@ -197,6 +196,7 @@ def test_overfits_one_batch(config):
   assert losses[-1] < 0.1 * losses[0], losses[::10]
 
 
+@pytest.mark.slow
 def test_remat_and_swiglu_match_shapes_and_grads(config):
   batch = pack_rows(config, [[A, B]], 24)
   noise = np.ones_like(batch["tokens"])
@@ -257,8 +257,7 @@ def spec_json(spec):
 
 def partition_table(config):
   """Every param path -> shape, logical spec and mesh spec on a (2, 2, 2) mesh."""
-  with nnx.use_eager_sharding(False):
-    abstract = nnx.eval_shape(lambda: DiT(config, rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(lambda: DiT(config, rngs=nnx.Rngs(0)))
   params = nnx.state(abstract, nnx.Param)
   mesh = mesh_lib.make_mesh(config, jax.devices()[:8])
   logical = nnx.get_partition_spec(params)

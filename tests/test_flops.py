@@ -94,7 +94,6 @@ def test_param_count_matches_hand_count():
 @pytest.mark.parametrize("mlp", ["gelu", "swiglu"])
 def test_param_count_matches_a_built_model(mlp):
   c = small_config(mlp)
-  with nnx.use_eager_sharding(False):
-    model = DiT(c, rngs=nnx.Rngs(0))
+  model = DiT(c, rngs=nnx.Rngs(0))
   built = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   assert dit_param_count(c) == built

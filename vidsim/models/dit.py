@@ -69,6 +69,12 @@ class DiT(nnx.Module):
   """Text-conditioned DiT over packed patch tokens; see the module docstring."""
 
   def __init__(self, config, *, rngs):
+    # Params are placed by their logical names when built under
+    # vidsim.mesh.activate(mesh, config); without a mesh they stay unsharded.
+    with nnx.use_eager_sharding(nnx.using_eager_sharding() and not jax.sharding.get_abstract_mesh().empty):
+      self._build(config, rngs)
+
+  def _build(self, config, rngs):
     d = config.dit
     self.dtype = layers.compute_dtype(d.dtype)
     self.remat = d.remat

@@ -73,6 +73,5 @@ def dit_param_count(config) -> int:
 
   from vidsim.models.dit import DiT
 
-  with nnx.use_eager_sharding(False):
-    abstract = nnx.eval_shape(lambda: DiT(config, rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(lambda: DiT(config, rngs=nnx.Rngs(0)))
   return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
