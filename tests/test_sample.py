@@ -1,0 +1,216 @@
+"""Generation on a tiny randomly initialised DiT + VAE saved as a workdir: every task's
+shapes, given latent frames kept exactly, seeds, output files, and bad input (exit 2)."""
+
+import os
+import subprocess
+import sys
+
+import grain
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from vidsim import cli
+from vidsim import mesh as mesh_lib
+from vidsim import sample
+from vidsim.data import video_io
+from vidsim.errors import UsageError
+from vidsim.models import dit as dit_lib
+from vidsim.models import vae as vae_lib
+from vidsim.train.checkpoint import Checkpointer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIZE = dict(height=16, width=16)
+FAST = dict(steps=2, sampler="euler", guidance=3.0)
+
+
+def _save(directory, state):
+  checkpointer = Checkpointer(directory, async_save=False)
+  data_iter = iter(grain.MapDataset.range(2).to_iter_dataset())
+  checkpointer.save(1, state, data_iter, {}, {}, force=True)
+  checkpointer.close()
+
+
+@pytest.fixture(scope="module")
+def config():
+  from vidsim import config as config_lib
+
+  return config_lib.load_config(os.path.join(ROOT, "experiments", "digits_tiny.py"))
+
+
+def _random_params(build, seed):
+  """Random weights of a model's param tree, from its shapes alone: initialising the
+  real model op by op on 8 fake devices costs tens of seconds on a loaded 2-core CPU,
+  and the DiT's zero-init output layers would make every velocity 0."""
+  shapes = nnx.to_pure_dict(nnx.split(nnx.eval_shape(build), nnx.Param)[1])
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda s: (0.2 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, config):
+  """A workdir holding a random VAE and a random DiT as stage checkpoints."""
+  root = tmp_path_factory.mktemp("sample_workdir")
+  params = _random_params(lambda: dit_lib.DiT(config, rngs=nnx.Rngs(0)), 1)
+  _save(root / "dit" / "checkpoints", {"ema": params})
+  vae_params = _random_params(lambda: vae_lib.VideoVAE(config, rngs=nnx.Rngs(0)), 2)
+  channels = config.vae.latent_channels
+  _save(root / "vae" / "checkpoints", {
+      "ema": vae_params,
+      "latent_shift": np.full((channels,), 0.1, np.float32),
+      "latent_scale": np.full((channels,), 0.5, np.float32),
+  })
+  return root
+
+
+@pytest.fixture(scope="module")
+def engine(config, workdir):
+  return sample.Engine.from_workdir(config, str(workdir), mesh_lib.make_mesh(config))
+
+
+@pytest.fixture(scope="module")
+def clip():
+  """A 9-frame source clip (uint8) that the VAE can encode."""
+  rng = np.random.default_rng(0)
+  return rng.integers(0, 256, (9, 16, 16, 3), dtype=np.uint8)
+
+
+def _encode(engine, video):
+  return engine.encode(np.asarray(video)[None])[0]
+
+
+def test_t2v_shapes_and_seeds(engine):
+  a = sample.generate(engine, "t2v", ["a red 3", "a blue 7"], frames=9, seed=0, **SIZE, **FAST)
+  assert a.videos.shape == (2, 9, 16, 16, 3) and a.videos.dtype == np.uint8
+  assert a.latents.shape == (2, 3, 4, 4, 4) and not a.given.any()
+  b = sample.generate(engine, "t2v", ["a red 3", "a blue 7"], frames=9, seed=0, **SIZE, **FAST)
+  np.testing.assert_array_equal(a.latents, b.latents)
+  c = sample.generate(engine, "t2v", ["a red 3", "a blue 7"], frames=9, seed=1, **SIZE, **FAST)
+  assert np.abs(a.latents - c.latents).mean() > 1e-3
+  assert np.abs(a.latents[0] - a.latents[1]).mean() > 1e-3  # Samples get their own noise.
+
+
+def test_guidance_changes_the_output(engine):
+  plain = sample.generate(engine, "t2v", ["a red 3"], frames=9, seed=0, **SIZE, steps=2, guidance=1.0)
+  guided = sample.generate(engine, "t2v", ["a red 3"], frames=9, seed=0, **SIZE, **FAST)
+  assert np.abs(plain.latents - guided.latents).mean() > 1e-4
+
+
+def test_i2v_keeps_the_image_latent_exactly(engine, clip):
+  g = sample.generate(engine, "i2v", ["x"], frames=9, image=clip[0], seed=0, **SIZE, **FAST)
+  assert g.videos.shape == (1, 9, 16, 16, 3)
+  np.testing.assert_array_equal(g.latents[0, 0], _encode(engine, clip[:1])[0])
+  assert g.given.tolist() == [True] + [False] * 8
+  again = sample.generate(engine, "i2v", ["x"], frames=9, image=clip[0], seed=0, **SIZE, **FAST)
+  np.testing.assert_array_equal(g.videos, again.videos)
+  other = sample.generate(engine, "i2v", ["x"], frames=9, image=clip[0], seed=3, **SIZE, **FAST)
+  assert np.abs(g.latents[0, 1:] - other.latents[0, 1:]).mean() > 1e-3
+
+
+@pytest.mark.parametrize("task", ["extend-forward", "extend-backward"])
+def test_extend_keeps_the_source_and_reaches_the_length(engine, clip, task):
+  g = sample.generate(engine, task, ["x"], frames=17, video=clip, seed=0, **SIZE, steps=2, sampler="heun")
+  assert g.videos.shape == (1, 17, 16, 16, 3) and g.latents.shape[1] == 5
+  source = _encode(engine, clip)
+  kept = g.latents[0, :3] if task == "extend-forward" else g.latents[0, 2:]
+  np.testing.assert_array_equal(kept, source)
+  assert g.given_latent.sum() == 3
+
+
+def test_connect_holds_both_clips(engine, clip):
+  second = clip[::-1].copy()
+  g = sample.generate(engine, "connect", ["x"], frames=9, video=clip, video2=second, seed=0, **SIZE, **FAST)
+  assert g.latents.shape == (1, 3, 4, 4, 4)
+  np.testing.assert_array_equal(g.latents[0, 0], _encode(engine, clip)[-1])
+  np.testing.assert_array_equal(g.latents[0, -1], _encode(engine, second)[0])
+  assert g.given_latent.tolist() == [True, False, True]
+
+
+def test_loop_and_edit(engine, clip):
+  looped = sample.generate(engine, "loop", ["x"], frames=9, seed=0, **SIZE, **FAST)
+  assert looped.latents.shape == (1, 4, 4, 4, 4)  # 3-frame clip + 1 bridge frame (window 3, overlap 1).
+  assert looped.videos.shape == (1, 13, 16, 16, 3)
+  source = _encode(engine, clip)
+  mild = sample.generate(engine, "edit", ["x"], frames=9, video=clip, strength=0.2, seed=0, **SIZE, **FAST)
+  strong = sample.generate(engine, "edit", ["x"], frames=9, video=clip, strength=1.0, seed=0, **SIZE, **FAST)
+  assert mild.latents.shape == source[None].shape
+  # SDEdit from a low noise level stays nearer the source than from pure noise.
+  assert np.abs(mild.latents[0] - source).mean() < np.abs(strong.latents[0] - source).mean()
+
+
+def test_contact_sheet_marks_given_frames():
+  videos = np.full((1, 3, 8, 8, 3), 100, np.uint8)
+  sheet = sample.contact_sheet(videos, np.array([True, False, False]), min_side=8)
+  assert sheet.shape == (12, 36, 3)
+  assert tuple(sheet[0, 0]) == sample.GIVEN_COLOR
+  assert tuple(sheet[0, 12]) == sample.GENERATED_COLOR
+  assert tuple(sheet[5, 5]) == (100, 100, 100)
+
+
+def test_write_outputs_video_png_and_sheet(tmp_path, engine):
+  g = sample.generate(engine, "t2v", ["a", "b"], frames=9, seed=0, **SIZE, **FAST)
+  paths = sample.write_outputs(str(tmp_path / "o.mp4"), g, fps=8.0)
+  assert [os.path.basename(p) for p in paths] == ["o_0.mp4", "o_1.mp4", "o.sheet.png"]
+  frames, _ = video_io.read_video(paths[0])
+  assert frames.shape == (9, 16, 16, 3)
+  assert video_io.read_image(paths[2]).shape[0] == 2 * (64 + 4)  # Two rows of upscaled frames.
+  assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+
+
+def test_check_size_names_nearest_valid_sizes(config):
+  assert sample.check_size(config, 9, 16, 24) == (3, 4, 6, 4)
+  with pytest.raises(UsageError, match=r"--frames 6 -> nearest valid: 5 or 9"):
+    sample.check_size(config, 6, 16, 16)
+  with pytest.raises(UsageError, match=r"--width 20 -> nearest valid: 16 or 24"):
+    sample.check_size(config, 9, 16, 20)
+
+
+def _cli(tmp_path, workdir, *flags):
+  return ["sample", "--config", os.path.join(ROOT, "experiments", "digits_tiny.py"), "--workdir", str(workdir),
+          "--prompt", "a red 3", "--steps", "2", *flags]
+
+
+@pytest.mark.slow  # A second engine from the workdir: compiles the ODE and decoder again (~20 s).
+def test_cli_writes_video_and_sheet(tmp_path, workdir, capsys):
+  out = tmp_path / "t2v.gif"
+  assert cli.main(_cli(tmp_path, workdir, "--out", str(out), "--frames", "9")) == 0
+  assert out.exists() and (tmp_path / "t2v.sheet.png").exists()
+  image = tmp_path / "still.png"
+  assert cli.main(_cli(tmp_path, workdir, "--out", str(image), "--frames", "1")) == 0
+  assert video_io.read_image(image).shape == (16, 16, 3)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--image", "missing.png"], "input image not found"),
+    (["--task", "edit"], "needs --video"),
+    (["--video2", "CORRUPT"], "--video2 is the second clip"),
+    (["--task", "edit", "--video", "CORRUPT"], "cannot read video"),
+    (["--task", "edit", "--video", "CLIP", "--strength", "1.5"], "strength must be in"),
+    (["--frames", "6"], "nearest valid: 5 or 9"),
+    (["--height", "18"], "nearest valid: 16 or 24"),
+    (["--task", "extend-forward", "--video", "CLIP", "--frames", "9"], "extended length"),
+    (["--frames", "1"], "write it as PNG"),
+])
+def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, workdir, clip, capsys, flags, message):
+  corrupt = tmp_path / "corrupt.mp4"
+  corrupt.write_bytes(b"not a video at all")
+  good = tmp_path / "clip.mp4"
+  video_io.write_video(good, clip, 8.0)
+  flags = [str(corrupt) if f == "CORRUPT" else str(good) if f == "CLIP" else
+           str(tmp_path / f) if f == "missing.png" else f for f in flags]
+  out = tmp_path / "out.mp4"
+  assert cli.main(_cli(tmp_path, workdir, "--out", str(out), *flags)) == 2
+  assert message in capsys.readouterr().err
+  assert sorted(os.listdir(tmp_path)) == sorted(["corrupt.mp4", "clip.mp4"])
+
+
+def test_cli_subprocess_exit_code(tmp_path, workdir):
+  out = tmp_path / "o.mp4"
+  result = subprocess.run(
+      [sys.executable, "-m", "vidsim", *_cli(tmp_path, workdir, "--out", str(out), "--task", "connect",
+                                             "--video", str(tmp_path / "nope.mp4"))],
+      cwd=ROOT, capture_output=True, text=True, timeout=120,
+  )
+  assert result.returncode == 2, result.stderr
+  assert "--video2" in result.stderr and not out.exists()
