@@ -4,12 +4,18 @@ Items per step (DESIGN.md, "Checkpoints"):
   state     train state pytree (params, opt_state, ema, step, rng), restored against
             abstract arrays that carry the CURRENT mesh's shardings, so a checkpoint
             written on one slice loads on another;
-  data_iter the grain iterator state (grain's own Orbax handler, one JSON per process);
+  data_iter the grain iterator state, one JSON per process (grain's Orbax handler, which
+            restores onto another process count when every process saved the same
+            state, as the pixel pipeline's global batch plan does);
   config    the resolved config (JSON);
   metrics   the last logged metrics (JSON).
 Saves are async and commit atomically (Orbax writes to a temporary directory and
 renames it); temporary directories left by a crash are removed at start.
 """
+
+import dataclasses
+import json
+from typing import Any
 
 import grain
 import jax
@@ -50,7 +56,7 @@ class Checkpointer:
     """Starts a save (async); returns False if Orbax decided not to save this step."""
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        data_iter=grain.checkpoint.CheckpointSave(data_iter),
+        data_iter=IteratorSave(data_iter),
         config=ocp.args.JsonSave(config_dict),
         metrics=ocp.args.JsonSave(_jsonable(metrics)),
     )
@@ -60,7 +66,7 @@ class Checkpointer:
     """Restores `state` onto the shardings in `abstract_state` and sets `data_iter`'s state."""
     args = ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state),
-        data_iter=grain.checkpoint.CheckpointRestore(data_iter),
+        data_iter=IteratorRestore(data_iter),
     )
     restored = self.manager.restore(step, args=args)
     return restored.state
@@ -91,3 +97,40 @@ def abstract_like(state, shardings):
 
 def _jsonable(metrics: dict) -> dict:
   return {k: (float(v) if hasattr(v, "__float__") else v) for k, v in metrics.items()}
+
+
+class ElasticIteratorHandler(grain.checkpoint.CheckpointHandler):
+  """grain's iterator handler, plus restore onto a different process count.
+
+  Saved states are per process (`process_i-of-n.json`). When the job comes back with
+  another process count and every saved state is the same (the iterator plans global
+  batches identically in each process and keeps no per-process position), that state
+  is the state of every new process. Otherwise there is no exact answer, and it says so.
+  """
+
+  def restore(self, directory, item=None, args=None):
+    item = item or args.item
+    own = epath.Path(directory) / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    if own.exists():
+      return super().restore(directory, item=item)
+    saved = sorted(epath.Path(directory).glob("process_*-of-*.json"))
+    states = {f.read_text() for f in saved}
+    if len(states) != 1:
+      raise ValueError(
+          f"data iterator state in {directory} was saved by {len(saved)} processes with different positions; "
+          f"it cannot be resumed exactly on {jax.process_count()} processes. Resume on the original process count."
+      )
+    item.set_state(json.loads(states.pop()))
+    return item
+
+
+@ocp.args.register_with_handler(ElasticIteratorHandler, for_save=True)
+@dataclasses.dataclass
+class IteratorSave(ocp.args.CheckpointArgs):
+  item: Any
+
+
+@ocp.args.register_with_handler(ElasticIteratorHandler, for_restore=True)
+@dataclasses.dataclass
+class IteratorRestore(ocp.args.CheckpointArgs):
+  item: Any
