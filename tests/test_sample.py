@@ -214,3 +214,27 @@ def test_cli_subprocess_exit_code(tmp_path, workdir):
   )
   assert result.returncode == 2, result.stderr
   assert "--video2" in result.stderr and not out.exists()
+
+
+def test_training_samples_write_gifs_for_each_prompt(tmp_path, config, workdir, engine):
+  sample.training_samples(config, str(workdir), engine.mesh, engine.dit_graphdef, {"ema": engine.dit_params}, 40)
+  names = sorted(os.listdir(workdir / "dit" / "samples"))
+  assert names == ["step_000040.sheet.png", "step_000040_0.gif", "step_000040_1.gif"]
+  frames, _ = video_io.read_video(workdir / "dit" / "samples" / "step_000040_0.gif")
+  assert frames.shape == (config.sample.frames, config.sample.height, config.sample.width, 3)
+
+
+@pytest.mark.slow  # Nine tasks with their own shapes: ~1 min of compiling on a 2-core CPU.
+def test_demo_samples_make_every_task_and_resume(config, workdir):
+  mesh = mesh_lib.make_mesh(config)
+  items = sample.demo_samples(config, str(workdir), mesh)
+  tasks = [item["task"] for item in items]
+  assert sorted(set(tasks)) == sorted(["t2v", "t2i", "i2v", "extend-forward", "extend-backward", "loop", "edit",
+                                       "connect"])
+  assert tasks.count("t2v") == 3  # Square, wide and vertical.
+  for item in items:
+    assert os.path.exists(item["output"]) and os.path.exists(item["sheet"])
+    assert all(os.path.exists(p) for p in item["inputs"])
+  stamps = [os.path.getmtime(item["output"]) for item in items]
+  assert sample.demo_samples(config, str(workdir), mesh) == items  # Resume: nothing made again.
+  assert [os.path.getmtime(item["output"]) for item in items] == stamps

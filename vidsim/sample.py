@@ -8,6 +8,7 @@ DiT and denormalised before decoding, as in the latent cache.
 """
 
 import dataclasses
+import functools
 import os
 
 import jax
@@ -17,13 +18,14 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from vidsim import config as config_lib
 from vidsim import flow
 from vidsim import mesh as mesh_lib
 from vidsim import patches
 from vidsim import tasks as tasks_lib
 from vidsim.data import video_io
 from vidsim.errors import UsageError
-from vidsim.log import get_logger, is_chief
+from vidsim.log import get_logger, is_chief, progress
 from vidsim.models import text as text_lib
 from vidsim.models import vae as vae_lib
 from vidsim.models import vae_tiling
@@ -127,9 +129,7 @@ class Engine:
     self.shift = np.asarray(shift, np.float32)
     self.scale = np.asarray(scale, np.float32)
     self.patch_size = tuple(int(p) for p in config.dit.patch_size)
-    self._ode = jax.jit(self._ode_fn, static_argnames=("steps", "sampler", "guidance", "start_t"))
-    self._encode = jax.jit(lambda p, v: nnx.merge(vae_graphdef, p).encode(v)[0])
-    self._decode = jax.jit(lambda p, z: nnx.merge(vae_graphdef, p).decode(z))
+    self._ode, self._encode, self._decode = _compiled(config, dit_graphdef, vae_graphdef)
 
   @classmethod
   def from_workdir(cls, config, workdir, mesh):
@@ -139,21 +139,6 @@ class Engine:
     dit = TrainedDiT(config, workdir, mesh)
     log.info("sampling with DiT step %d (EMA) and VAE step %d", dit.step, vae.step)
     return cls(config, mesh, dit.graphdef, dit.params, vae.graphdef, vae.params, vae.shift, vae.scale)
-
-  # -------------------------------------------------------------- the ODE
-
-  def _ode_fn(self, params, eps, x_init, clean, x_clean, positions, segment_ids, text_tokens, text_mask,
-              *, steps, sampler, guidance, start_t):
-    def model_fn(x, t, drop_text, rows):
-      pos, seg, ids, mask = rows
-      # Merged here, inside the ODE loop body: NNX modules must live at the trace level they run in.
-      model = nnx.merge(self.dit_graphdef, params)
-      return model(x, t, pos, seg, {"text_tokens": ids, "text_mask": mask}, drop_text)
-
-    velocity = flow.cfg_velocity(model_fn, guidance, row_inputs=(positions, segment_ids, text_tokens, text_mask))
-    t_grid = flow.sample_time_grid(steps, x_init.shape[1], self.config, start_t)
-    x_T = flow.noise_tokens(x_init, eps, start_t)  # start_t = 1: pure noise.
-    return flow.sample_ode(velocity, x_T, t_grid, clean, x_clean, sampler)
 
   def sample_windows(self, windows, prompts, key, *, steps, sampler, guidance):
     """Windows (same shape; one per prompt) -> normalised latents float32 [N, t, h, w, c].
@@ -229,6 +214,37 @@ class Engine:
 
   def _overlap(self):
     return self.config.sample.decode_tile_overlap or self.config.encode.tile_size // 2
+
+
+# One set of jitted functions per (config, models): engines made again (each training
+# sample hook, each test) reuse the compiled ODE and decoder instead of recompiling.
+_COMPILED = {}
+
+
+def _compiled(config, dit_graphdef, vae_graphdef):
+  key = (config_lib.to_json(config), dit_graphdef, vae_graphdef)
+  if key not in _COMPILED:
+    ode = jax.jit(functools.partial(_ode, config, dit_graphdef), static_argnames=("steps", "sampler", "guidance", "start_t"))
+    encode = jax.jit(lambda p, v: nnx.merge(vae_graphdef, p).encode(v)[0])
+    decode = jax.jit(lambda p, z: nnx.merge(vae_graphdef, p).decode(z))
+    _COMPILED[key] = (ode, encode, decode)
+  return _COMPILED[key]
+
+
+def _ode(config, graphdef, params, eps, x_init, clean, x_clean, positions, segment_ids, text_tokens, text_mask,
+         *, steps, sampler, guidance, start_t):
+  """Rows of tokens -> sampled tokens: CFG velocity (both branches in one pass) in one fori_loop."""
+
+  def model_fn(x, t, drop_text, rows):
+    pos, seg, ids, mask = rows
+    # Merged here, inside the ODE loop body: NNX modules must live at the trace level they run in.
+    model = nnx.merge(graphdef, params)
+    return model(x, t, pos, seg, {"text_tokens": ids, "text_mask": mask}, drop_text)
+
+  velocity = flow.cfg_velocity(model_fn, guidance, row_inputs=(positions, segment_ids, text_tokens, text_mask))
+  t_grid = flow.sample_time_grid(steps, x_init.shape[1], config, start_t)
+  x_T = flow.noise_tokens(x_init, eps, start_t)  # start_t = 1: pure noise.
+  return flow.sample_ode(velocity, x_T, t_grid, clean, x_clean, sampler)
 
 
 # ------------------------------------------------------------------ every task
@@ -511,3 +527,94 @@ def training_samples(config, workdir, mesh, graphdef, state, step):
     extension = ".png" if s.frames == 1 else ".gif"
     paths = write_outputs(str(out_dir / f"step_{step:06d}{extension}"), generation, s.fps)
     log.info("step %d: samples %s", step, ", ".join(os.path.basename(p) for p in paths))
+
+
+# ------------------------------------------------------------------ the demo's samples
+
+
+def _demo_shapes(config):
+  """(frames, height, width) of square, wide and vertical t2v: the sample size and the
+  first wide / tall video buckets the model trained on (None if it saw neither)."""
+  s = config.sample
+  square = (s.frames, s.height, s.width)
+  videos = [tuple(b) for b in config.data.buckets if b[0] > 1]
+  wide = next((b for b in videos if b[2] > b[1]), None)
+  tall = next((b for b in videos if b[1] > b[2]), None)
+  # Without a bucket of one orientation, the other turned on its side (RoPE takes any shape).
+  wide = wide or (tall and (tall[0], tall[2], tall[1]))
+  tall = tall or (wide and (wide[0], wide[2], wide[1]))
+  return square, wide, tall
+
+
+def _demo_scene(config, seed, frames, height, width):
+  from vidsim.data import moving_digits
+
+  md = config.moving_digits
+  video, caption, _ = moving_digits.render_scene(
+      np.random.default_rng(seed), split=config.data.eval_split, frames=frames, height=height, width=width,
+      digit_size=md.digit_size, max_digits=1, speed=tuple(md.speed), colors=tuple(md.colors))
+  return video, caption
+
+
+def _recolour(caption, colors):
+  """The caption with its first colour word swapped for another (the edit prompt)."""
+  for i, colour in enumerate(colors):
+    if f" {colour} " in f" {caption} ":
+      return f" {caption} ".replace(f" {colour} ", f" {colors[(i + 1) % len(colors)]} ", 1).strip()
+  return caption
+
+
+def demo_samples(config, workdir, mesh) -> list:
+  """Every task once on the embedded world (for `vidsim demo`), under W/samples/.
+
+  Inputs are rendered moving_digits validation scenes (written next to the outputs);
+  outputs are GIFs (they play in any browser) or PNGs, each with a contact sheet.
+  Existing outputs are kept, so a re-run resumes. Returns the report's items:
+  dicts with task, prompt, output, sheet, inputs, note."""
+  s = config.sample
+  out_dir = epath.Path(workdir) / "samples"
+  (out_dir / "inputs").mkdir(parents=True, exist_ok=True)
+  square, wide, tall = _demo_shapes(config)
+  frames, height, width = square
+  scene_a, caption_a = _demo_scene(config, 1, frames, height, width)
+  scene_b, caption_b = _demo_scene(config, 2, frames, height, width)
+  inputs = {"a.gif": scene_a, "b.gif": scene_b}
+  for name, video in inputs.items():
+    _atomic(str(out_dir / "inputs" / name), lambda tmp, v=video: video_io.write_video(tmp, v, s.fps))
+  _atomic(str(out_dir / "inputs" / "a_first.png"), lambda tmp: video_io.write_png(tmp, scene_a[0]))
+  a, b, a_first = (str(out_dir / "inputs" / n) for n in ("a.gif", "b.gif", "a_first.png"))
+  longer = 1 + 2 * (frames - 1)
+  prompt = config.train.sample_prompts[0] if config.train.sample_prompts else caption_a
+  jobs = [
+      ("t2v", "t2v_square.gif", prompt, dict(frames=frames, height=height, width=width), [], "square"),
+      ("t2i", "t2i.png", prompt, dict(frames=1, height=height, width=width), [], "one frame"),
+      ("i2v", "i2v.gif", caption_a, dict(frames=frames, height=height, width=width, image=scene_a[0]), [a_first],
+       "the first frame is given"),
+      ("extend-forward", "extend_forward.gif", caption_a, dict(frames=longer, height=height, width=width, video=scene_a),
+       [a], f"{frames} given frames continued to {longer}"),
+      ("extend-backward", "extend_backward.gif", caption_a,
+       dict(frames=longer, height=height, width=width, video=scene_a), [a], f"{longer - frames} frames made before the input"),
+      ("loop", "loop.gif", prompt, dict(frames=frames, height=height, width=width), [], "the end leads back into the start"),
+      ("edit", "edit.gif", _recolour(caption_a, tuple(config.moving_digits.colors)),
+       dict(frames=frames, height=height, width=width, video=scene_a, strength=s.edit_strength), [a],
+       f"SDEdit at strength {s.edit_strength}"),
+      ("connect", "connect.gif", f"{caption_a}, then {caption_b}",
+       dict(frames=s.window_frames or frames, height=height, width=width, video=scene_a, video2=scene_b), [a, b],
+       "starts from the first clip's end, arrives at the second's start"),
+  ]
+  for name, shape in (("wide", wide), ("vertical", tall)):
+    if shape is not None:
+      jobs.insert(1, ("t2v", f"t2v_{name}.gif", prompt, dict(frames=shape[0], height=shape[1], width=shape[2]), [],
+                      f"{name} {shape[2]}x{shape[1]}"))
+  engine = None
+  items = []
+  for task, file_name, text, kwargs, input_paths, note in progress(jobs, total=len(jobs), desc="sample tasks"):
+    out = out_dir / file_name
+    if not out.exists():
+      engine = engine or Engine.from_workdir(config, workdir, mesh)
+      generation = generate(engine, task, [text], seed=config.seed, steps=s.steps, sampler=s.sampler,
+                            guidance=s.guidance, **kwargs)
+      if is_chief():
+        write_outputs(str(out), generation, s.fps)
+    items.append(dict(task=task, prompt=text, output=str(out), sheet=sheet_path(out), inputs=input_paths, note=note))
+  return items
