@@ -215,7 +215,10 @@ def test_cli_subprocess_exit_code(tmp_path, workdir):
   assert "--video2" in result.stderr and not out.exists()
 
 
-def test_training_samples_write_gifs_for_each_prompt(tmp_path, config, workdir, engine):
+def test_training_samples_write_gifs_for_each_prompt(tmp_path, workdir, engine):
+  # The sampling settings of the other tests, so the compiled ODE is reused.
+  config = config_lib.load_config(os.path.join(ROOT, "experiments", "digits_tiny.py"), [
+      "--config.sample.frames=9", "--config.sample.steps=2", "--config.sample.guidance=3.0"])
   sample.training_samples(config, str(workdir), engine.mesh, engine.dit_graphdef, {"ema": engine.dit_params}, 40)
   names = sorted(os.listdir(workdir / "dit" / "samples"))
   assert names == ["step_000040.sheet.png", "step_000040_0.gif", "step_000040_1.gif"]

@@ -9,6 +9,7 @@ DiT and denormalised before decoding, as in the latent cache.
 
 import dataclasses
 import functools
+import json
 import os
 
 import jax
@@ -18,7 +19,6 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from vidsim import config as config_lib
 from vidsim import flow
 from vidsim import mesh as mesh_lib
 from vidsim import patches
@@ -222,7 +222,8 @@ _COMPILED = {}
 
 
 def _compiled(config, dit_graphdef, vae_graphdef):
-  key = (config_lib.to_json(config), dit_graphdef, vae_graphdef)
+  # The traced code reads only config.flow (time shift) and the mesh rules; the models are their graphdefs.
+  key = (json.dumps([config.flow.to_dict(), config.mesh.rules.to_dict()], sort_keys=True), dit_graphdef, vae_graphdef)
   if key not in _COMPILED:
     ode = jax.jit(functools.partial(_ode, config, dit_graphdef), static_argnames=("steps", "sampler", "guidance", "start_t"))
     encode = jax.jit(lambda p, v: nnx.merge(vae_graphdef, p).encode(v)[0])
