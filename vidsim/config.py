@@ -147,12 +147,12 @@ def base_config() -> ConfigDict:
   c.dit.width = 256  # Model width.
   c.dit.depth = 6  # Transformer blocks (scanned).
   c.dit.heads = 4  # Attention heads.
-  c.dit.mlp_ratio = 4.0  # MLP hidden = mlp_ratio * width.
+  c.dit.mlp_ratio = 4.0  # MLP hidden = mlp_ratio * width (SwiGLU: 2/3 of it, rounded up to 8; same cost).
   c.dit.mlp = "gelu"  # MLP: gelu | swiglu.
   c.dit.qk_norm = True  # RMS-normalise queries and keys.
   c.dit.rope_theta = 10000.0  # RoPE base.
   c.dit.remat = "none"  # Rematerialisation: none | full | dots (save matmul outputs).
-  c.dit.attention_impl = "xla"  # jax.nn.dot_product_attention implementation: xla | cudnn.
+  c.dit.attention_impl = "xla"  # jax.nn.dot_product_attention implementation: xla | cudnn | auto (jax picks).
   c.dit.dtype = "float32"  # Compute dtype: float32 | bfloat16 (params stay float32).
 
   # ---------------------------------------------------------------- text conditioning

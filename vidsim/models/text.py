@@ -48,9 +48,9 @@ def _require(text, key, ndim, encoder):
 class TextBlock(nnx.Module):
   """Pre-norm transformer layer over one caption's bytes."""
 
-  def __init__(self, width, heads, *, dtype, rngs):
+  def __init__(self, width, heads, *, dtype, impl, rngs):
     self.norm1 = layers.rms_norm(width, dtype, rngs)
-    self.attn = layers.SelfAttention(width, heads, qk_norm=True, dtype=dtype, impl="xla", rngs=rngs)
+    self.attn = layers.SelfAttention(width, heads, qk_norm=True, dtype=dtype, impl=impl, rngs=rngs)
     self.norm2 = layers.rms_norm(width, dtype, rngs)
     self.mlp = layers.Mlp(width, TEXT_MLP_RATIO, "gelu", dtype=dtype, rngs=rngs)
 
@@ -65,6 +65,7 @@ class ByteTextEncoder(nnx.Module):
   def __init__(self, config, *, rngs):
     t = config.text
     dtype = layers.compute_dtype(config.dit.dtype)
+    impl = layers.attention_impl(config.dit.attention_impl)
     self.width = t.width
     self.max_length = t.max_length
     self.dtype = dtype
@@ -78,7 +79,7 @@ class ByteTextEncoder(nnx.Module):
         )
     )
     self.blocks = layers.stack_layers(
-        lambda r: TextBlock(t.width, t.heads, dtype=dtype, rngs=r), t.depth, rngs
+        lambda r: TextBlock(t.width, t.heads, dtype=dtype, impl=impl, rngs=r), t.depth, rngs
     )
     self.norm = layers.rms_norm(t.width, dtype, rngs)
 
