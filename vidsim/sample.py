@@ -87,8 +87,6 @@ class TrainedDiT:
   """The EMA weights of the latest DiT checkpoint in W/dit/checkpoints, sharded like training."""
 
   def __init__(self, config, workdir, mesh):
-    import orbax.checkpoint as ocp
-
     from vidsim.train.checkpoint import Checkpointer
     from vidsim.train.dit_loop import abstract_dit
 
@@ -100,9 +98,7 @@ class TrainedDiT:
     self.graphdef, abstract_params, shardings = abstract_dit(config, mesh)
     target = {"ema": jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_params, shardings)}
-    restored = reader.manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))).state
+    restored = reader.restore_subset(step, target)
     reader.close()
     self.params = restored["ema"]
     self.step = step
