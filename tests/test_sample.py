@@ -109,7 +109,7 @@ def test_i2v_keeps_the_image_latent_exactly(engine, clip):
 
 @pytest.mark.parametrize("task", ["extend-forward", "extend-backward"])
 def test_extend_keeps_the_source_and_reaches_the_length(engine, clip, task):
-  g = sample.generate(engine, task, ["x"], frames=17, video=clip, seed=0, **SIZE, steps=2, sampler="heun")
+  g = sample.generate(engine, task, ["x"], frames=17, video=clip, seed=0, **SIZE, **FAST)
   assert g.videos.shape == (1, 17, 16, 16, 3) and g.latents.shape[1] == 5
   source = _encode(engine, clip)
   kept = g.latents[0, :3] if task == "extend-forward" else g.latents[0, 2:]
@@ -173,7 +173,7 @@ def _cli(tmp_path, workdir, *flags):
 @pytest.mark.slow  # A second engine from the workdir: compiles the ODE and decoder again (~20 s).
 def test_cli_writes_video_and_sheet(tmp_path, workdir, capsys):
   out = tmp_path / "t2v.gif"
-  assert cli.main(_cli(tmp_path, workdir, "--out", str(out), "--frames", "9")) == 0
+  assert cli.main(_cli(tmp_path, workdir, "--out", str(out), "--frames", "9", "--sampler", "heun")) == 0
   assert out.exists() and (tmp_path / "t2v.sheet.png").exists()
   image = tmp_path / "still.png"
   assert cli.main(_cli(tmp_path, workdir, "--out", str(image), "--frames", "1")) == 0
@@ -253,3 +253,19 @@ def test_tiled_decode_matches_plain_decode_in_time(config, engine):
   plain, chunked = engine.decode(latents).astype(int), tiled.decode(latents).astype(int)
   assert plain.shape == chunked.shape == (1, 9, 16, 16, 3)
   assert np.abs(plain - chunked).max() <= 1
+
+
+@pytest.mark.parametrize("task", ["i2v", "extend-forward", "extend-backward", "loop", "edit", "connect"])
+def test_every_task_repeats_with_its_seed_and_changes_with_another(engine, clip, task):
+  inputs = {
+      "i2v": dict(image=clip[0]), "extend-forward": dict(video=clip, frames=17),
+      "extend-backward": dict(video=clip, frames=17), "loop": {}, "edit": dict(video=clip, strength=0.2),
+      "connect": dict(video=clip, video2=clip[::-1].copy()),
+  }[task]
+  kwargs = dict(dict(frames=9), **inputs)
+  run = lambda seed: sample.generate(engine, task, ["a red 3 moves right"], seed=seed, **SIZE, **FAST, **kwargs)
+  first, again, other = run(0), run(0), run(1)
+  np.testing.assert_array_equal(first.videos, again.videos)
+  generated = ~first.given_latent
+  assert np.abs(first.latents[:, generated] - other.latents[:, generated]).mean() > 1e-3
+  np.testing.assert_array_equal(first.latents[:, ~generated], other.latents[:, ~generated])

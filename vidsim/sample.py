@@ -264,8 +264,8 @@ def generate(engine: Engine, task: str, prompts, *, frames: int, height: int, wi
   """Runs one task for len(prompts) samples. Inputs are uint8: image [H, W, 3], video and
   video2 [T, H, W, 3], already of a valid size (see `check_inputs`).
 
-  frames: the output length for t2v/i2v/edit-less tasks and extension (total length);
-  the t2v clip length of loop; the window length of connect. window_frames (pixel
+  frames: the output length of t2v, t2i and i2v; the total length of an extension;
+  the t2v clip length of loop; the window length of connect; edit keeps the source's. window_frames (pixel
   frames, 0 = config.sample.window_frames or sample.frames) sets the sliding window
   of extend and loop's bridge; overlap is in latent frames (0 = auto).
   """
@@ -274,6 +274,11 @@ def generate(engine: Engine, task: str, prompts, *, frames: int, height: int, wi
     raise UsageError(f"unknown task {task!r}; valid: {', '.join(tasks_lib.TASKS)}")
   prompts = list(prompts)
   n = len(prompts)
+  if task == "edit":
+    frames = len(video)  # An edit keeps its source's length.
+  for name, source in (("image", image), ("video", video), ("video2", video2)):
+    if source is not None and tuple(source.shape[-3:-1]) != (height, width):
+      raise UsageError(f"{name} is {source.shape[-3]}x{source.shape[-2]} (HxW); this generation is {height}x{width}")
   grid = check_size(config, frames, height, width)
   window_frames = window_frames or config.sample.window_frames or config.sample.frames
   window = pixels_to_latent_frames(config, window_frames)
