@@ -315,3 +315,23 @@ def test_layer_helpers_validate():
   with pytest.raises(UsageError, match="attention_impl"):
     layers.attention_impl("flash")
   assert layers.rope_pairs(64) == (12, 10, 10)
+
+
+def test_tokenize_bytes_format():
+  ids, mask = tokenize_bytes(["ab", "", "é"], 3)
+  np.testing.assert_array_equal(ids, [[98, 99, 0], [0, 0, 0], [0xC3 + 1, 0xA9 + 1, 0]])
+  np.testing.assert_array_equal(mask, ids > 0)
+  assert tokenize_bytes(["abcdef"], 4)[0].tolist() == [[98, 99, 100, 101]]  # Cut at max_length.
+
+
+def test_bfloat16_compute_keeps_fp32_params(config, model):
+  c = config.copy_and_resolve_references()
+  with c.unlocked():
+    c.dit.dtype = "bfloat16"
+  low = build(c)
+  nnx.update(low, nnx.state(model, nnx.Param))
+  assert {x.dtype for x in jax.tree.leaves(nnx.state(low, nnx.Param))} == {jnp.dtype(jnp.float32)}
+  batch = pack_rows(config, [[A, B]], 24)
+  out, ref = forward(low, batch), forward(model, batch)
+  assert np.isfinite(out).all()
+  assert np.abs(out - ref).max() < 0.05 * np.abs(ref).max()
