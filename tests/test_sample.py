@@ -190,18 +190,22 @@ def test_cli_writes_video_and_sheet(tmp_path, workdir, capsys):
     (["--height", "18"], "nearest valid: 16 or 24"),
     (["--task", "extend-forward", "--video", "CLIP", "--frames", "9"], "extended length"),
     (["--frames", "1"], "write it as PNG"),
+    (["--image", "ODD_IMAGE"], "the input's frames are 15x15 (HxW)"),
+    (["--steps", "0"], "must be >= 1"),
 ])
 def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, workdir, clip, capsys, flags, message):
   corrupt = tmp_path / "corrupt.mp4"
   corrupt.write_bytes(b"not a video at all")
   good = tmp_path / "clip.mp4"
   video_io.write_video(good, clip, 8.0)
-  flags = [str(corrupt) if f == "CORRUPT" else str(good) if f == "CLIP" else
+  odd = tmp_path / "odd.png"
+  video_io.write_png(odd, clip[0, :15, :15])
+  flags = [str(corrupt) if f == "CORRUPT" else str(good) if f == "CLIP" else str(odd) if f == "ODD_IMAGE" else
            str(tmp_path / f) if f == "missing.png" else f for f in flags]
   out = tmp_path / "out.mp4"
   assert cli.main(_cli(tmp_path, workdir, "--out", str(out), *flags)) == 2
   assert message in capsys.readouterr().err
-  assert sorted(os.listdir(tmp_path)) == sorted(["corrupt.mp4", "clip.mp4"])
+  assert sorted(os.listdir(tmp_path)) == sorted(["corrupt.mp4", "clip.mp4", "odd.png"])
 
 
 def test_cli_subprocess_exit_code(tmp_path, workdir):

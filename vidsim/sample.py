@@ -461,7 +461,12 @@ def check_inputs(args, config, task):
     frames = len(video)
   else:
     frames = args.frames or config.sample.frames
-  check_size(config, frames, height, width)
+  try:
+    check_size(config, frames, height, width)
+  except UsageError as e:
+    if source is None:
+      raise
+    raise UsageError(f"the input's frames are {source.shape[0]}x{source.shape[1]} (HxW); {e}") from e
   if task in ("extend-forward", "extend-backward") and frames <= len(video):
     raise UsageError(
         f"--frames {frames} is the extended length; the input video already has {len(video)} usable frames: "
@@ -487,7 +492,7 @@ def run_sample(args, config):
   task = resolve_task(args)
   size, inputs, fps = check_inputs(args, config, task)
   s = config.sample
-  steps = args.steps or s.steps
+  steps = s.steps if args.steps is None else args.steps
   sampler = args.sampler or s.sampler
   if sampler not in flow.SAMPLERS:
     raise UsageError(f"--sampler {sampler!r}; valid: {', '.join(flow.SAMPLERS)}")
