@@ -141,10 +141,11 @@ def test_loop_and_edit(engine, clip):
 def test_contact_sheet_marks_given_frames():
   videos = np.full((1, 3, 8, 8, 3), 100, np.uint8)
   sheet = sample.contact_sheet(videos, np.array([True, False, False]), min_side=8)
-  assert sheet.shape == (12, 36, 3)
+  cell = 8 + 2 * sample.SHEET_BORDER
+  assert sheet.shape == (cell, 3 * cell, 3)
   assert tuple(sheet[0, 0]) == sample.GIVEN_COLOR
-  assert tuple(sheet[0, 12]) == sample.GENERATED_COLOR
-  assert tuple(sheet[5, 5]) == (100, 100, 100)
+  assert tuple(sheet[0, cell]) == sample.GENERATED_COLOR and tuple(sheet[0, 2 * cell]) == sample.GENERATED_COLOR
+  assert tuple(sheet[cell // 2, cell // 2]) == (100, 100, 100)
 
 
 def test_write_outputs_video_png_and_sheet(tmp_path, engine):
@@ -153,7 +154,7 @@ def test_write_outputs_video_png_and_sheet(tmp_path, engine):
   assert [os.path.basename(p) for p in paths] == ["o_0.mp4", "o_1.mp4", "o.sheet.png"]
   frames, _ = video_io.read_video(paths[0])
   assert frames.shape == (9, 16, 16, 3)
-  assert video_io.read_image(paths[2]).shape[0] == 2 * (64 + 4)  # Two rows of upscaled frames.
+  assert video_io.read_image(paths[2]).shape[0] == 2 * (64 + 2 * sample.SHEET_BORDER)  # Two rows, frames upscaled.
   assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
 
 

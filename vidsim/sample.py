@@ -35,6 +35,7 @@ log = get_logger("sample")
 GIVEN_COLOR = (255, 140, 0)  # Contact-sheet border of frames given as conditions.
 GENERATED_COLOR = (48, 48, 48)  # Border of generated frames.
 SHEET_MAX_COLUMNS = 24  # Longer videos are shown at evenly spaced frames.
+SHEET_BORDER = 3  # Pixels of the coloured frame border (thick enough to see at a glance).
 VIDEO_OUTPUTS = (".mp4", ".gif", ".webm")
 
 # ------------------------------------------------------------------ sizes
@@ -320,12 +321,12 @@ def generate(engine: Engine, task: str, prompts, *, frames: int, height: int, wi
 
 def contact_sheet(videos, given, min_side: int = 64) -> np.ndarray:
   """uint8 [rows*H', cols*W', 3]: one row per sample, frames left to right, each framed
-  by a 2-pixel border, orange where the frame was given as a condition."""
+  by a SHEET_BORDER-pixel border, orange where the frame was given as a condition."""
   videos = np.asarray(videos, np.uint8)
   n, t, h, w, _ = videos.shape
   columns = np.unique(np.linspace(0, t - 1, min(t, SHEET_MAX_COLUMNS)).round().astype(int))
   zoom = max(1, -(-min_side // min(h, w)))  # Nearest-neighbour upscale so small frames stay visible.
-  border = 2
+  border = SHEET_BORDER
   cell_h, cell_w = h * zoom + 2 * border, w * zoom + 2 * border
   sheet = np.full((n * cell_h, len(columns) * cell_w, 3), 255, np.uint8)
   for i in range(n):
