@@ -119,3 +119,50 @@ def test_dit_trains_on_the_cache_and_refuses_another_vaes_cache(trained_vae):
       train_dit(config, workdir, mesh)
   finally:
     manifest_path.write_text(original)
+
+
+def test_sigterm_saves_at_the_next_step_and_exits_0_then_resumes(trained_vae, repo_root, tmp_path):
+  _, config = trained_vae
+  workdir = tmp_path / "preempted"
+  cmd = [sys.executable, "-m", "vidsim", "train-vae", "--config", str(repo_root / "experiments/digits_tiny.py"),
+         "--workdir", str(workdir), "--config.vae_train.steps=500", "--config.vae_train.checkpoint_every=1000",
+         "--config.vae_train.recon_every=0", "--config.peak_flops_per_device=1e10", "--config.data.buckets=((5, 16, 16),)"]
+  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = workdir / "vae" / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if metrics.exists() and len(read_metrics(metrics)) >= 3:
+      proc.send_signal(signal.SIGTERM)
+      break
+    time.sleep(0.05)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-2000:]
+  assert "preempted (SIGTERM)" in err
+  saved = sorted(int(p.name) for p in (workdir / "vae" / "checkpoints").iterdir() if p.name.isdigit())
+  assert len(saved) == 1 and 3 <= saved[0] < 500
+  resumed = subprocess.run(cmd[:-5] + ["--config.vae_train.steps=" + str(saved[0] + 2)] + cmd[-4:],
+                           capture_output=True, text=True)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert f"resuming from step {saved[0]}" in resumed.stderr
+
+
+def test_init_from_loads_weights_and_names_mismatches(trained_vae, repo_root, tmp_path):
+  from vidsim.train.vae_loop import TrainedVAE, train_vae
+
+  source, config = trained_vae
+  mesh = mesh_lib.make_mesh(config)
+  fresh = _tiny(repo_root, init_from=str(source), peak_flops_per_device=1e10, **{"vae_train.steps": 0})
+  state = train_vae(fresh, tmp_path / "fine_tune", mesh)
+  expected = TrainedVAE(config, source, mesh).params
+  for got, want in zip(jax_leaves(state["ema"]), jax_leaves(expected)):
+    np.testing.assert_array_equal(np.asarray(got), want)
+
+  wider = _tiny(repo_root, init_from=str(source), **{"vae_train.steps": 0, "vae.widths": "(8, 16, 32)"})
+  with pytest.raises(UsageError, match=r"does not fit this model(.|\n)*checkpoint \(.*\) vs model \("):
+    train_vae(wider, tmp_path / "wider", mesh)
+
+
+def jax_leaves(tree):
+  import jax
+
+  return jax.tree.leaves(tree)

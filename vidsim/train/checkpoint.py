@@ -42,7 +42,14 @@ class Checkpointer:
         create=not read_only,
         read_only=read_only,
     )
-    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+    # Handlers named up front so a reader can ask for metadata or restore a subset.
+    handlers = dict(
+        state=ocp.PyTreeCheckpointHandler(),
+        data_iter=ElasticIteratorHandler(),
+        config=ocp.JsonCheckpointHandler(),
+        metrics=ocp.JsonCheckpointHandler(),
+    )
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   @classmethod
   def from_config(cls, directory, config):
@@ -55,7 +62,7 @@ class Checkpointer:
   def save(self, step: int, state, data_iter, config_dict: dict, metrics: dict, force=False) -> bool:
     """Starts a save (async); returns False if Orbax decided not to save this step."""
     args = ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
+        state=ocp.args.PyTreeSave(state),
         data_iter=IteratorSave(data_iter),
         config=ocp.args.JsonSave(config_dict),
         metrics=ocp.args.JsonSave(_jsonable(metrics)),
@@ -65,15 +72,21 @@ class Checkpointer:
   def restore(self, step: int, abstract_state, data_iter):
     """Restores `state` onto the shardings in `abstract_state` and sets `data_iter`'s state."""
     args = ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
+        state=ocp.args.PyTreeRestore(abstract_state, restore_args=_restore_args(abstract_state)),
         data_iter=IteratorRestore(data_iter),
     )
     restored = self.manager.restore(step, args=args)
     return restored.state
 
-  def restore_state_only(self, step: int, abstract_state):
-    restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-    return restored.state
+  def restore_subset(self, step: int, abstract_subset):
+    """Restores only the state entries in `abstract_subset` (e.g. EMA weights for sampling)."""
+    args = ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        abstract_subset, restore_args=_restore_args(abstract_subset), partial_restore=True))
+    return self.manager.restore(step, args=args).state
+
+  def saved_state_shapes(self, step: int):
+    """The saved train state's tree of array metadata (shape, dtype), read without restoring."""
+    return self.manager.item_metadata(step).state
 
   def restore_metrics(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(metrics=ocp.args.JsonRestore())).metrics
@@ -88,6 +101,11 @@ class Checkpointer:
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _restore_args(abstract):
+  """Per-array restore arguments carrying each target's sharding (the new mesh's)."""
+  return ocp.checkpoint_utils.construct_restore_args(abstract)
 
 
 def abstract_like(state, shardings):

@@ -199,26 +199,22 @@ def _load_weights(state, path, spec):
     raise UsageError(f"init_from={path}: no {spec.name} checkpoint found there")
   reader = Checkpointer(source, read_only=True)
   step = reader.latest_step()
-  import orbax.checkpoint as ocp
-
-  saved = reader.manager.item_metadata(step).state
+  saved = reader.saved_state_shapes(step)
   mismatched = _mismatches(state["params"], saved["params"])
   if mismatched:
     raise UsageError(f"init_from={source} (step {step}) does not fit this model:\n  " + "\n  ".join(mismatched))
-  target = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state["params"])}
-  target["ema"] = target["params"]
-  restored = reader.manager.restore(
-      step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-          target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
-  ).state
+  as_target = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+  restored = reader.restore_subset(step, {"params": jax.tree.map(as_target, state["params"]),
+                                          "ema": jax.tree.map(as_target, state["ema"])})
+  reader.close()
   state = dict(state, params=restored["params"], ema=restored["ema"])
   log.info("%s: initialised weights from %s step %d", spec.name, source, step)
   return state
 
 
 def _mismatches(current, saved) -> list:
-  current_flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(current)[0]}
-  saved_flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
+  """Human-readable differences in parameter names and shapes."""
+  current_flat, saved_flat = _by_name(current), _by_name(saved)
   problems = []
   for name, value in current_flat.items():
     if name not in saved_flat:
@@ -227,6 +223,13 @@ def _mismatches(current, saved) -> list:
       problems.append(f"{name}: checkpoint {tuple(saved_flat[name].shape)} vs model {tuple(value.shape)}")
   problems += [f"{name}: in checkpoint, not in model" for name in saved_flat if name not in current_flat]
   return problems
+
+
+def _by_name(tree) -> dict:
+  """{'decoder/blocks/0/conv1/kernel': leaf}: list indices and dict keys alike (Orbax saves both as str)."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  name = lambda path: "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+  return {name(path): leaf for path, leaf in flat}
 
 
 def split_model(model, mesh, config):

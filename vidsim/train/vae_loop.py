@@ -186,7 +186,6 @@ class TrainedVAE:
   def __init__(self, config, workdir, mesh):
     import hashlib
 
-    import orbax.checkpoint as ocp
     from jax.sharding import NamedSharding, PartitionSpec
 
     from vidsim.errors import UsageError
@@ -206,9 +205,7 @@ class TrainedVAE:
         "latent_shift": as_target(jax.ShapeDtypeStruct(channels, jnp.float32)),
         "latent_scale": as_target(jax.ShapeDtypeStruct(channels, jnp.float32)),
     }
-    restored = reader.manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))).state
+    restored = reader.restore_subset(step, target)
     reader.close()
     # Host copies: processes encode different shards, so they must not share collectives.
     self.params = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), restored["ema"])
