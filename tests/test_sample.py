@@ -274,3 +274,10 @@ def test_every_task_repeats_with_its_seed_and_changes_with_another(engine, clip,
   generated = ~first.given_latent
   assert np.abs(first.latents[:, generated] - other.latents[:, generated]).mean() > 1e-3
   np.testing.assert_array_equal(first.latents[:, ~generated], other.latents[:, ~generated])
+
+
+def test_training_samples_with_a_bad_size_log_and_do_not_stop_training(workdir, engine, caplog):
+  config = config_lib.load_config(os.path.join(ROOT, "experiments", "digits_tiny.py"), ["--config.sample.frames=6"])
+  sample.training_samples(config, str(workdir), engine.mesh, engine.dit_graphdef, {"ema": engine.dit_params}, 7)
+  assert "no training samples" in caplog.text and "nearest valid: 5 or 9" in caplog.text
+  assert not list((workdir / "dit").glob("samples/step_000007*"))

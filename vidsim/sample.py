@@ -523,12 +523,18 @@ def training_samples(config, workdir, mesh, graphdef, state, step):
   params, written to W/dit/samples/step_XXXXXX_<i>.gif (and one contact sheet)."""
   from vidsim.train.vae_loop import TrainedVAE
 
-  vae = TrainedVAE(config, workdir, mesh)
-  engine = Engine(config, mesh, graphdef, state["ema"], vae.graphdef, vae.params, vae.shift, vae.scale)
   s = config.sample
   prompts = list(config.train.sample_prompts)
-  generation = generate(engine, "t2v", prompts, frames=s.frames, height=s.height, width=s.width, seed=config.seed,
-                        steps=s.steps, sampler=s.sampler, guidance=s.guidance)
+  try:
+    check_size(config, s.frames, s.height, s.width)
+    vae = TrainedVAE(config, workdir, mesh)
+    engine = Engine(config, mesh, graphdef, state["ema"], vae.graphdef, vae.params, vae.shift, vae.scale)
+    generation = generate(engine, "t2v", prompts, frames=s.frames, height=s.height, width=s.width, seed=config.seed,
+                          steps=s.steps, sampler=s.sampler, guidance=s.guidance)
+  except UsageError as e:
+    # A bad sample setting must not end hours of training: say so loudly and train on.
+    log.error("step %d: no training samples: %s", step, e)
+    return
   if is_chief():
     out_dir = epath.Path(workdir) / "dit" / "samples"
     out_dir.mkdir(parents=True, exist_ok=True)
