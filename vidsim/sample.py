@@ -222,7 +222,8 @@ def _compiled(config, dit_graphdef, vae_graphdef):
   # The traced code reads only config.flow (time shift) and the mesh rules; the models are their graphdefs.
   key = (json.dumps([config.flow.to_dict(), config.mesh.rules.to_dict()], sort_keys=True), dit_graphdef, vae_graphdef)
   if key not in _COMPILED:
-    ode = jax.jit(functools.partial(_ode, config, dit_graphdef), static_argnames=("steps", "sampler", "guidance", "start_t"))
+    ode = jax.jit(functools.partial(_ode, config, dit_graphdef),
+                  static_argnames=("steps", "sampler", "guidance", "start_t"))
     encode = jax.jit(lambda p, v: nnx.merge(vae_graphdef, p).encode(v)[0])
     decode = jax.jit(lambda p, z: nnx.merge(vae_graphdef, p).decode(z))
     _COMPILED[key] = (ode, encode, decode)
@@ -310,7 +311,8 @@ def generate(engine: Engine, task: str, prompts, *, frames: int, height: int, wi
     result = tasks_lib.loop(run, n, grid[0], grid[1:], window, overlap)
   else:  # edit
     source = batch_of(video)
-    result = tasks_lib.Stitched(run([tasks_lib.edit_window(s, strength) for s in source]), np.zeros(source.shape[1], bool))
+    edited = run([tasks_lib.edit_window(s, strength) for s in source])
+    result = tasks_lib.Stitched(edited, np.zeros(source.shape[1], bool))
   videos = engine.decode(result.latents)
   given = tasks_lib.pixel_given(result.given, config.vae.temporal_compression)
   return Generation(videos, result.latents, given, result.given)
@@ -599,26 +601,27 @@ def demo_samples(config, workdir, mesh) -> list:
   a, b, a_first = (str(out_dir / "inputs" / n) for n in ("a.gif", "b.gif", "a_first.png"))
   longer = 1 + 2 * (frames - 1)
   prompt = config.train.sample_prompts[0] if config.train.sample_prompts else caption_a
+  size = dict(height=height, width=width)
   jobs = [
-      ("t2v", "t2v_square.gif", prompt, dict(frames=frames, height=height, width=width), [], "square"),
-      ("t2i", "t2i.png", prompt, dict(frames=1, height=height, width=width), [], "one frame"),
-      ("i2v", "i2v.gif", caption_a, dict(frames=frames, height=height, width=width, image=scene_a[0]), [a_first],
+      ("t2v", "t2v_square.gif", prompt, dict(frames=frames, **size), [], "square"),
+      ("t2i", "t2i.png", prompt, dict(frames=1, **size), [], "one frame"),
+      ("i2v", "i2v.gif", caption_a, dict(frames=frames, image=scene_a[0], **size), [a_first],
        "the first frame is given"),
-      ("extend-forward", "extend_forward.gif", caption_a, dict(frames=longer, height=height, width=width, video=scene_a),
-       [a], f"{frames} given frames continued to {longer}"),
-      ("extend-backward", "extend_backward.gif", caption_a,
-       dict(frames=longer, height=height, width=width, video=scene_a), [a], f"{longer - frames} frames made before the input"),
-      ("loop", "loop.gif", prompt, dict(frames=frames, height=height, width=width), [], "the end leads back into the start"),
+      ("extend-forward", "extend_forward.gif", caption_a, dict(frames=longer, video=scene_a, **size), [a],
+       f"{frames} given frames continued to {longer}"),
+      ("extend-backward", "extend_backward.gif", caption_a, dict(frames=longer, video=scene_a, **size), [a],
+       f"{longer - frames} frames made before the input"),
+      ("loop", "loop.gif", prompt, dict(frames=frames, **size), [], "the end leads back into the start"),
       ("edit", "edit.gif", _recolour(caption_a, tuple(config.moving_digits.colors)),
-       dict(frames=frames, height=height, width=width, video=scene_a, strength=s.edit_strength), [a],
+       dict(frames=frames, video=scene_a, strength=s.edit_strength, **size), [a],
        f"SDEdit at strength {s.edit_strength}"),
       ("connect", "connect.gif", f"{caption_a}, then {caption_b}",
-       dict(frames=s.window_frames or frames, height=height, width=width, video=scene_a, video2=scene_b), [a, b],
+       dict(frames=s.window_frames or frames, video=scene_a, video2=scene_b, **size), [a, b],
        "starts from the first clip's end, arrives at the second's start"),
   ]
-  for name, shape in (("wide", wide), ("vertical", tall)):
+  for i, (name, shape) in enumerate((("wide", wide), ("vertical", tall))):
     if shape is not None:
-      jobs.insert(1, ("t2v", f"t2v_{name}.gif", prompt, dict(frames=shape[0], height=shape[1], width=shape[2]), [],
+      jobs.insert(1 + i, ("t2v", f"t2v_{name}.gif", prompt, dict(frames=shape[0], height=shape[1], width=shape[2]), [],
                       f"{name} {shape[2]}x{shape[1]}"))
   engine = None
   items = []
