@@ -66,9 +66,9 @@ def _sample_cmd(sub):
   _add_workdir_arg(p)
   p.add_argument("--prompt", required=True, help="text prompt")
   p.add_argument("--out", required=True, help="output: .mp4 / .gif / .webm video, or .png for one frame")
-  p.add_argument("--task", default="", choices=["t2v", "t2i", "i2v", "extend-forward", "extend-backward", "loop",
-                                                "edit", "connect"],
-                 help="default: i2v with --image, t2i with --frames 1, else t2v")
+  from vidsim.tasks import TASKS  # numpy only: keeps `vidsim --help` fast.
+
+  p.add_argument("--task", default="", choices=TASKS, help="default: i2v with --image, t2i with --frames 1, else t2v")
   p.add_argument("--frames", type=int, default=None, help="output frames (extend: total length; default sample.frames)")
   p.add_argument("--height", type=int, default=None, help="output height (default sample.height or the input's)")
   p.add_argument("--width", type=int, default=None, help="output width (default sample.width or the input's)")
