@@ -259,7 +259,9 @@ def test_a_few_adam_steps_lower_the_loss(model_and_config):
 
 
 def test_flops_match_a_hand_count(tiny_config):
-  c = _config(tiny_config, temporal_compression=2, spatial_compression=4, widths=(4, 8, 8), latent_channels=2)
+  c = _config(
+      tiny_config, temporal_compression=2, spatial_compression=4, widths=(4, 8, 8), latent_channels=2, spatial_only_levels=1
+  )
   # T=3, 8x8 -> level 0: 3 frames 8x8 (1x3x3 convs), level 1: 2 frames 4x4 and
   # level 2: 2 frames 2x2 (3x3x3 convs); one res block (two convs) per level.
   conv = lambda kvol, cin, cout, positions: 2 * kvol * cin * cout * positions

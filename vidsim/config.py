@@ -111,10 +111,10 @@ def base_config() -> ConfigDict:
   c.vae.temporal_compression = 4  # ct: T frames -> 1 + (T-1)/ct latent frames (1, 2, 4).
   c.vae.spatial_compression = 4  # cs: H, W -> H/cs, W/cs (4, 8, 16).
   c.vae.latent_channels = 4  # Channels of the latent grid.
-  c.vae.widths = (32, 64, 64)  # Channels per resolution level (len = log2(cs) + 1).
+  c.vae.widths = (16, 32, 64)  # Channels per resolution level (len = log2(cs) + 1).
   c.vae.blocks_per_level = 1  # Residual blocks per level.
   c.vae.attention = False  # Self-attention within each frame at the lowest level.
-  c.vae.spatial_only_levels = 1  # The first N (highest-res) levels use (1,3,3) convs, the rest causal 3x3x3.
+  c.vae.spatial_only_levels = 2  # The first N (highest-res) levels use (1,3,3) convs, the rest causal 3x3x3.
   c.vae.causal_padding = "replicate"  # Front time padding: replicate (copies of frame 0) | zeros.
   c.vae.dtype = "float32"  # Compute dtype: float32 | bfloat16 (params stay float32).
 
