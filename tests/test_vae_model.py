@@ -300,3 +300,19 @@ def test_latent_stats_give_unit_scale():
   np.testing.assert_allclose(normed.reshape(-1, 3).mean(0), 0.0, atol=1e-4)
   np.testing.assert_allclose(normed.reshape(-1, 3).std(0), 1.0, atol=1e-4)
   np.testing.assert_allclose(vae_lib.denormalize_latents(normed, shift, scale), means, atol=1e-4)
+
+
+def test_attention_stays_within_frames(tiny_config):
+  c = _config(tiny_config, widths=(8, 8, 8), attention=True)
+  model = vae_lib.VideoVAE(c, rngs=nnx.Rngs(0))
+  video = _video((1, 5, 8, 8, 3))
+  base, _ = model.encode(video)
+  changed, _ = model.encode(video.at[:, 3].add(0.5))
+  np.testing.assert_array_equal(changed[:, :1], base[:, :1])
+  assert jnp.abs(changed[:, 1] - base[:, 1]).max() > 1e-4
+  assert vae_lib.receptive_radius(c) == -1  # Attention reaches the whole frame: no exact halo.
+  with_attention = vae_lib.vae_flops(c, 5, 8, 8, train=False)
+  without = vae_lib.vae_flops(_config(c, attention=False), 5, 8, 8, train=False)
+  # Encoder and decoder attention over 2x2 positions of 2 latent frames: QK^T, AV, qkv, proj.
+  attention = 2 * (2 * 2 * 2 * 4**2 * 8 + 2 * 8 * 24 * 2 * 4 + 2 * 8 * 8 * 2 * 4)
+  assert with_attention == without + attention
