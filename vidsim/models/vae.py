@@ -327,7 +327,14 @@ class Decoder(nnx.Module):
 
 class VideoVAE(nnx.Module):
   """The causal video VAE of config.vae. Build it under `mesh.activate(...)` for sharded
-  params; outside a mesh it is built unsharded (the logical names are still recorded)."""
+  params; outside a mesh it is built unsharded (the logical names are still recorded).
+
+  Encoder: conv_in, then per level `blocks_per_level` residual blocks and a stride-2
+  conv to the next level (the first log2(ct) of them also stride 2 in time, a causal
+  3-tap window), then conv_out to (mean, logvar). Decoder mirrors it: time is doubled
+  by a causal conv to 2x channels split into two frames (the first dropped, so latent
+  frame 0 decodes to frame 0 alone), space by nearest upsampling and a conv.
+  """
 
   def __init__(self, config, *, rngs: nnx.Rngs):
     check_config(config)
