@@ -1,0 +1,41 @@
+"""What `make demo` runs: every stage on the embedded world, sized for ~20 min on 2 CPU cores.
+
+Command:
+  make demo                      # = vidsim demo --config experiments/digits_demo.py --workdir runs/demo
+Expected runtime: about 20 minutes on a 2-core CPU (data 10 s, VAE ~5 min, cache ~1 min,
+DiT ~10 min, ten sampling tasks ~2 min).
+Expected result: runs/demo/report.html with every task's output. After this short
+training the VAE reconstructs digits recognisably but softly and the DiT produces
+coloured moving blobs, not clean digits: see the report's own measured summary and
+docs/generate.md for the longer run.
+"""
+
+from vidsim.config import base_config
+
+
+def get_config():
+  c = base_config()
+  # VAE: short training, higher learning rate; latents 4x4 spatial, 4x temporal.
+  c.vae_train.steps = 300
+  c.vae_train.learning_rate = 2e-3
+  c.vae_train.warmup_steps = 30
+  c.vae_train.ema_decay = 0.99
+  c.vae_train.log_every = 10
+  c.vae_train.checkpoint_every = 100
+  c.vae_train.recon_every = 100
+  # DiT: small enough for ~700 steps in 10 minutes.
+  c.dit.width = 128
+  c.dit.depth = 4
+  c.dit.heads = 4
+  c.text.width = 64
+  c.text.depth = 1
+  c.train.steps = 600
+  c.train.rows_per_batch = 8
+  c.train.learning_rate = 1e-3
+  c.train.warmup_steps = 50
+  c.train.ema_decay = 0.99
+  c.train.log_every = 10
+  c.train.checkpoint_every = 200
+  c.train.sample_every = 0
+  c.sample.steps = 20
+  return c
