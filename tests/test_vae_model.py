@@ -235,6 +235,7 @@ def test_vae_loss_metrics(model_and_config, tiny_config):
   assert float(vae_lib.psnr(video + 0.2, video)) < 20.5
 
 
+@pytest.mark.slow  # ~20 s: compiles a train step.
 def test_a_few_adam_steps_lower_the_loss(model_and_config):
   model, c = model_and_config
   model = nnx.clone(model)  # The other tests keep the untrained model.
@@ -302,6 +303,7 @@ def test_latent_stats_give_unit_scale():
   np.testing.assert_allclose(vae_lib.denormalize_latents(normed, shift, scale), means, atol=1e-4)
 
 
+@pytest.mark.slow  # ~15 s: builds and runs a second model.
 def test_attention_stays_within_frames(tiny_config):
   c = _config(tiny_config, widths=(8, 8, 8), attention=True)
   model = vae_lib.VideoVAE(c, rngs=nnx.Rngs(0))
