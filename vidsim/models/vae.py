@@ -17,6 +17,7 @@ chunk with the same result as one pass (see vae_tiling.py).
 
 import contextlib
 import contextvars
+import functools
 import math
 
 import jax
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vidsim.config import base_config
 from vidsim.errors import UsageError
 from vidsim.mesh import constrain
 
@@ -436,12 +438,22 @@ def vae_flops(config, frames: int, height: int, width: int, train: bool = True) 
   Cout * output positions, plus attention's QK^T and AV matmuls; norms and activations
   not counted. A train step counts 3x the forward (forward + backward)."""
   check_video_shape(config, frames, height, width)
+  vae_key = tuple((k, tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in sorted(config.vae.items()))
+  forward = _forward_flops(vae_key, frames, height, width)
+  return 3.0 * forward if train else forward
+
+
+@functools.lru_cache(maxsize=256)
+def _forward_flops(vae_key, frames, height, width):
+  # Cached: tracing the model takes ~0.3 s, and training loops ask once per batch.
+  config = base_config()
+  for key, value in vae_key:
+    config.vae[key] = value
   graphdef, state = nnx.split(nnx.eval_shape(lambda: VideoVAE(config, rngs=nnx.Rngs(0))))
   video = jax.ShapeDtypeStruct((1, frames, height, width, 3), jnp.float32)
   with _recording_layers() as log:
     jax.eval_shape(lambda s, v: nnx.merge(graphdef, s)(v, jax.random.key(0)), state, video)
-  forward = sum(layer["flops"] for layer in log)
-  return 3.0 * forward if train else forward
+  return sum(layer["flops"] for layer in log)
 
 
 def receptive_radius(config) -> int:
