@@ -16,6 +16,8 @@ from vidsim.config import base_config
 def get_config():
   c = base_config()
   # VAE: short training, higher learning rate; latents 4x4 spatial, 4x temporal.
+  c.vae.latent_channels = 8
+  c.vae_train.recon_loss = "l2"
   c.vae_train.steps = 300
   c.vae_train.learning_rate = 2e-3
   c.vae_train.warmup_steps = 30

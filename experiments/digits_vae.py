@@ -13,7 +13,9 @@ from vidsim.config import base_config
 
 def get_config():
   c = base_config()
-  c.vae_train.steps = 800
+  c.vae.latent_channels = 8
+  c.vae_train.recon_loss = "l2"
+  c.vae_train.steps = 1500
   c.vae_train.learning_rate = 2e-3
   c.vae_train.warmup_steps = 50
   c.vae_train.ema_decay = 0.99

@@ -114,7 +114,9 @@ def _relative_rms(a, b):
 
 
 @pytest.mark.slow  # ~15-25 s: compiles the model for several tile shapes.
-def test_spatial_tiles_with_a_full_halo_are_exact(model_and_config):
+def test_spatial_tiles_are_within_the_stated_tolerance(model_and_config):
+  """Per-frame norms make spatial tiles approximate (vae_tiling's docstring states the
+  figures); a full halo and an overlap bring them close, and each helps."""
   model, c = model_and_config
   # A smooth image (white noise would exaggerate edge effects); 96 px = 24 latents.
   video = jax.image.resize(_video((1, 1, 12, 12, 3)), (1, 1, 96, 96, 3), "linear")
@@ -122,27 +124,15 @@ def test_spatial_tiles_with_a_full_halo_are_exact(model_and_config):
   recon = model.decode(mean)
   halo = vae_lib.receptive_radius(c)
   assert halo % 4 == 0 and 24 <= halo <= 48
-  t_mean, _ = vae_tiling.tiled_encode(model, video, tile_frames=0, tile_size=48, overlap=0, halo=halo)
-  assert _relative_rms(t_mean, mean) < 1e-4
-  t_recon = vae_tiling.tiled_decode(model, mean, tile_frames=0, tile_size=48, overlap=0, halo=halo)
-  assert _relative_rms(t_recon, recon) < 1e-4
-
-
-@pytest.mark.slow  # ~15-25 s: compiles the model for several tile shapes.
-def test_spatial_tiles_blend_within_tolerance(model_and_config):
-  model, _ = model_and_config
-  video = jax.image.resize(_video((1, 1, 12, 12, 3)), (1, 1, 96, 96, 3), "linear")
-  mean, _ = model.encode(video)
-  recon = model.decode(mean)
   errors = {}
-  for overlap, halo in ((0, 0), (16, 0), (16, 16)):
-    t_mean, _ = vae_tiling.tiled_encode(model, video, tile_frames=0, tile_size=32, overlap=overlap, halo=halo)
-    t_recon = vae_tiling.tiled_decode(model, mean, tile_frames=0, tile_size=32, overlap=overlap, halo=halo)
+  for tile, overlap, pad in ((48, 0, halo), (48, 16, halo), (32, 16, 16), (32, 0, 0)):
+    t_mean, _ = vae_tiling.tiled_encode(model, video, tile_frames=0, tile_size=tile, overlap=overlap, halo=pad)
+    t_recon = vae_tiling.tiled_decode(model, mean, tile_frames=0, tile_size=tile, overlap=overlap, halo=pad)
     assert t_mean.shape == mean.shape and t_recon.shape == recon.shape
-    errors[overlap, halo] = (_relative_rms(t_mean, mean), _relative_rms(t_recon, recon))
-  for i in range(2):  # encode, decode: the tolerances stated in vae_tiling's docstring.
-    assert errors[16, 0][i] < 0.8 * errors[0, 0][i]
-    assert errors[16, 16][i] < 0.03
+    errors[tile, overlap, pad] = (_relative_rms(t_mean, mean), _relative_rms(t_recon, recon))
+  for i in range(2):  # encode, decode
+    assert errors[48, 0, halo][i] < 0.15 and errors[48, 16, halo][i] < 0.15
+    assert errors[48, 16, halo][i] < errors[32, 16, 16][i] < errors[32, 0, 0][i]
 
 
 def test_tiling_rejects_unaligned_tiles(model_and_config):
