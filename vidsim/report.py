@@ -166,7 +166,9 @@ def _honest_summary(config, vae_rows, dit_rows, val_psnr, quality_notes):
   for note in quality_notes or []:
     lines.append(note)
   if not quality_notes:
-    lines.append("Sample quality is not scored automatically yet: judge the videos below by eye. After a "
-                 "demo-length run on a 2-core CPU, expect blurry moving blobs, not recognisable digits; "
-                 "experiments/digits_quality.py trains longer.")
+    lines.append("vidsim does not score sample quality automatically yet (digit identity, direction and "
+                 "permanence metrics are future work), so nothing on this page claims the samples are good: "
+                 "judge them by eye against the prompts. A demo-length run on a 2-core CPU is minutes of "
+                 "training; a flow loss near 1.0 or above means the DiT has learned little beyond the "
+                 "average scene.")
   return "<br>".join(html.escape(line) for line in lines)
