@@ -124,3 +124,35 @@ def test_init_distributed_needs_a_coordinator_for_several(monkeypatch):
   monkeypatch.setenv("VIDSIM_NUM_PROCESSES", "2")
   with pytest.raises(UsageError, match="coordinator"):
     mesh_lib.init_distributed(config_lib.base_config())
+
+
+_EVERY_AXIS_SCRIPT = """
+import numpy as np
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+from vidsim import config as config_lib, mesh as mesh_lib
+c = config_lib.base_config()
+with c.unlocked():
+  c.mesh.ici.update(dict(data=1, fsdp=2, sequence=2, tensor=2))
+  c.mesh.dcn.update(dict(data=2))
+mesh = mesh_lib.make_mesh(c)
+assert dict(mesh.shape) == dict(data=2, fsdp=2, sequence=2, tensor=2), mesh.shape
+with mesh_lib.activate(mesh, c):
+  layer = nnx.Linear(8, 16, kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), ("embed", "mlp")),
+                     rngs=nnx.Rngs(0))
+assert layer.kernel[...].sharding.spec == P("fsdp", "tensor")
+batch = mesh_lib.make_global_batch({"x": np.zeros((8, 4, 3), np.float32)}, mesh, c)
+assert batch["x"].sharding.shard_shape((8, 4, 3)) == (2, 4, 3)
+print("ok")
+"""
+
+
+def test_mesh_with_every_axis_larger_than_one_on_16_devices():
+  """2 slices (DCN data=2) x (fsdp=2, sequence=2, tensor=2): needs 16 devices, so a subprocess."""
+  import os
+  import subprocess
+  import sys
+
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=16", JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", _EVERY_AXIS_SCRIPT], env=env, capture_output=True, text=True)
+  assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
