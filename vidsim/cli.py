@@ -10,7 +10,7 @@ import importlib
 import sys
 
 from vidsim import config as config_lib
-from vidsim.errors import UsageError
+from vidsim.errors import StoppedError, UsageError
 from vidsim.log import get_logger
 
 log = get_logger()
@@ -171,6 +171,9 @@ def main(argv=None):
   except UsageError as e:
     print(f"vidsim: error: {e}", file=sys.stderr)
     return 2
+  except StoppedError as e:
+    print(f"vidsim: stopped: {e}", file=sys.stderr)
+    return 1
   except KeyboardInterrupt:
     print("vidsim: interrupted", file=sys.stderr)
     return 130

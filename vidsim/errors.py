@@ -8,3 +8,10 @@ class UsageError(Exception):
   """
 
   exit_code = 2
+
+
+class StoppedError(Exception):
+  """Training stopped on purpose (e.g. too many non-finite steps). The CLI prints the
+  message, which names the cause and the last good checkpoint, and exits with 1."""
+
+  exit_code = 1

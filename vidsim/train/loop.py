@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from vidsim import config as config_lib
 from vidsim import mesh as mesh_lib
-from vidsim.errors import UsageError
+from vidsim.errors import StoppedError, UsageError
 from vidsim.log import get_logger, is_chief, progress
 from vidsim.train.checkpoint import Checkpointer, abstract_like
 from vidsim.train.metrics import MetricsWriter, StepTimer, peak_flops_per_s
@@ -29,7 +29,7 @@ from vidsim.train.metrics import MetricsWriter, StepTimer, peak_flops_per_s
 log = get_logger("train")
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(StoppedError):
   """Too many non-finite steps in a row: training stopped, last good checkpoint kept."""
 
 

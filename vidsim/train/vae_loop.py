@@ -105,7 +105,7 @@ def train_vae(config, workdir, mesh):
         every=[(tc.recon_every, write_reconstruction)], before_final_save=set_latent_stats,
     )
     state = loop.run(spec, config, workdir, mesh)
-    if int(state["step"]) == tc.steps:
+    if int(mesh_lib.to_host(state["step"])) == tc.steps and not (stage_dir / "recon" / f"step_{tc.steps:06d}.gif").exists():
       write_reconstruction(state, tc.steps)
     return state
 
