@@ -78,14 +78,17 @@ def test_two_processes_train_like_one_and_resume_onto_other_layouts(tmp_path, re
   def train(workdir, args, processes=1, devices=8):
     if processes == 1:
       check(run_single(["train-vae", "--workdir", str(workdir), *args], devices, data_env))
-    else:
-      for result in run_processes(["train-vae", "--workdir", str(workdir), *args], processes, devices, data_env):
-        check(result)
+      return []
+    results = run_processes(["train-vae", "--workdir", str(workdir), *args], processes, devices, data_env)
+    for result in results:
+      check(result)
+    return results
 
   train(tmp_path / "ref", first)
   for name in ("to_two", "to_four_devices", "to_fsdp_tensor"):
     shutil.copytree(tmp_path / "ref", tmp_path / name)
-  train(tmp_path / "from_two", first, processes=2, devices=4)
+  results = train(tmp_path / "from_two", first, processes=2, devices=4)
+  assert "[p1/2]" in results[1][2]  # Log lines of process 1 carry its index.
 
   train(tmp_path / "ref", second)
   train(tmp_path / "to_two", second, processes=2, devices=4)
