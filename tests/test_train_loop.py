@@ -133,3 +133,12 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path):
   # The last good checkpoint (step 4) is intact and loadable.
   ckpts = sorted(int(p.name) for p in (tmp_path / "many" / "toy" / "checkpoints").iterdir() if p.name.isdigit())
   assert ckpts == [4]
+
+
+def test_a_relative_workdir_works(tmp_path, monkeypatch):
+  """Users type `--workdir runs/x`; Orbax needs absolute paths, the loop must not care."""
+  monkeypatch.chdir(tmp_path)
+  config = _config(steps=4)
+  mesh = mesh_lib.make_mesh(config)
+  loop.run(_spec(config, mesh), config, "runs/relative", mesh)
+  assert (tmp_path / "runs" / "relative" / "toy" / "checkpoints" / "4").is_dir()

@@ -15,6 +15,7 @@ renames it); temporary directories left by a crash are removed at start.
 
 import dataclasses
 import json
+import os
 from typing import Any
 
 import grain
@@ -33,7 +34,7 @@ class Checkpointer:
   """Saves and restores one stage's checkpoints under `directory`."""
 
   def __init__(self, directory, keep_last=3, keep_every=0, async_save=True, read_only=False):
-    self.directory = epath.Path(directory)
+    self.directory = absolute(directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep_last,
         keep_period=keep_every or None,
@@ -101,6 +102,12 @@ class Checkpointer:
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def absolute(path) -> epath.Path:
+  """Orbax wants absolute paths: local paths are made absolute, gs:// and other URLs kept."""
+  text = os.fspath(path)
+  return epath.Path(text if "://" in text else os.path.abspath(text))
 
 
 def _restore_args(abstract):
