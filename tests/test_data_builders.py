@@ -6,7 +6,6 @@ import os
 import numpy as np
 import pytest
 
-from vidsim import config as config_lib
 from vidsim.data import builder_for, pipeline, prepare, video_io
 from vidsim.errors import UsageError
 

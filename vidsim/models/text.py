@@ -11,7 +11,6 @@ Both read `text_mask` bool [R, K, S]. The encoder lives inside the DiT, so the
 model has one param tree and one optimizer.
 """
 
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
