@@ -29,10 +29,7 @@ BATCH_KEYS = ("tokens", "positions", "segment_ids", "segment_frames", "text_toke
 
 
 def run_train(args, config):
-  mesh_lib.init_distributed(config)
-  mesh = mesh_lib.make_mesh(config)
-  log.info("mesh: %s", mesh_lib.describe(mesh))
-  train_dit(config, args.workdir, mesh)
+  train_dit(config, args.workdir, loop.job_mesh(config))
 
 
 def build_dit(config):
@@ -41,12 +38,7 @@ def build_dit(config):
 
 def abstract_dit(config, mesh):
   """(graphdef, abstract params, param shardings) without allocating the weights."""
-  with mesh_lib.activate(mesh, config):
-    abstract_model = nnx.eval_shape(functools.partial(build_dit, config))
-  graphdef, params, others, shardings = loop.split_model(abstract_model, mesh, config)
-  if jax.tree.leaves(others):
-    raise TypeError(f"the DiT must hold only nnx.Param variables, found {others}")
-  return graphdef, params, shardings
+  return loop.abstract_model(functools.partial(build_dit, config), config, mesh)
 
 
 def check_cache(config, workdir, mesh):

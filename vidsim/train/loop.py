@@ -232,6 +232,24 @@ def _by_name(tree) -> dict:
   return {name(path): leaf for path, leaf in flat}
 
 
+def job_mesh(config):
+  """Start of every stage command: jax.distributed (if several processes), then the mesh."""
+  mesh_lib.init_distributed(config)
+  mesh = mesh_lib.make_mesh(config)
+  log.info("mesh: %s", mesh_lib.describe(mesh))
+  return mesh
+
+
+def abstract_model(build, config, mesh):
+  """(graphdef, abstract params, param shardings) of `build()` without allocating weights."""
+  with mesh_lib.activate(mesh, config):
+    abstract = nnx.eval_shape(build)
+  graphdef, params, others, shardings = split_model(abstract, mesh, config)
+  if jax.tree.leaves(others):
+    raise TypeError(f"{type(abstract).__name__} must hold only nnx.Param variables, found {others}")
+  return graphdef, params, shardings
+
+
 def split_model(model, mesh, config):
   """(graphdef, params, others, param_shardings) of an NNX model, as plain dicts.
 

@@ -26,10 +26,7 @@ STAGE = "vae"
 
 
 def run_train_vae(args, config):
-  mesh_lib.init_distributed(config)
-  mesh = mesh_lib.make_mesh(config)
-  log.info("mesh: %s", mesh_lib.describe(mesh))
-  train_vae(config, args.workdir, mesh)
+  train_vae(config, args.workdir, loop.job_mesh(config))
 
 
 def build_vae(config):
@@ -38,12 +35,7 @@ def build_vae(config):
 
 def abstract_vae(config, mesh):
   """(graphdef, abstract params, param shardings) without allocating the weights."""
-  with mesh_lib.activate(mesh, config):
-    abstract_model = nnx.eval_shape(functools.partial(build_vae, config))
-  graphdef, params, others, shardings = loop.split_model(abstract_model, mesh, config)
-  if jax.tree.leaves(others):
-    raise TypeError(f"the VAE must hold only nnx.Param variables, found {others}")
-  return graphdef, params, shardings
+  return loop.abstract_model(functools.partial(build_vae, config), config, mesh)
 
 
 def train_vae(config, workdir, mesh):
