@@ -18,20 +18,20 @@ def get_config():
   # VAE: short training, higher learning rate; latents 4x4 spatial, 4x temporal.
   c.vae.latent_channels = 8
   c.vae_train.recon_loss = "l2"
-  c.vae_train.steps = 300
+  c.vae_train.steps = 600
   c.vae_train.learning_rate = 2e-3
   c.vae_train.warmup_steps = 30
   c.vae_train.ema_decay = 0.99
   c.vae_train.log_every = 10
   c.vae_train.checkpoint_every = 100
   c.vae_train.recon_every = 100
-  # DiT: small enough for ~700 steps in 10 minutes.
+  # DiT: small enough for ~1000 steps in 8 minutes.
   c.dit.width = 128
   c.dit.depth = 4
   c.dit.heads = 4
   c.text.width = 64
   c.text.depth = 1
-  c.train.steps = 600
+  c.train.steps = 1000
   c.train.rows_per_batch = 8
   c.train.learning_rate = 1e-3
   c.train.warmup_steps = 50
