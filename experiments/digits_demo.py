@@ -2,12 +2,13 @@
 
 Command:
   make demo                      # = vidsim demo --config experiments/digits_demo.py --workdir runs/demo
-Expected runtime: about 20 minutes on a 2-core CPU (data 10 s, VAE ~5 min, cache ~1 min,
-DiT ~10 min, ten sampling tasks ~2 min).
-Expected result: runs/demo/report.html with every task's output. After this short
-training the VAE reconstructs digits recognisably but softly and the DiT produces
-coloured moving blobs, not clean digits: see the report's own measured summary and
-docs/generate.md for the longer run.
+Expected runtime: measured 15.6 minutes on a 2-core CPU (data 0 s when cached, else
+~5 s; VAE 600 steps 6.1 min; latent cache 27 s; DiT 1000 steps 8.8 min; ten sampling
+tasks 13 s; report < 1 s).
+Expected result: runs/demo/report.html with every task's output. Measured: VAE
+validation PSNR 21.9 dB (EMA); DiT flow loss 1.96 -> ~1.0, packing efficiency 0.95;
+the samples are coloured blobs that move and spread, NOT recognisable digits.
+This config shows the pipeline working end to end, not sample quality.
 """
 
 from vidsim.config import base_config
