@@ -37,7 +37,7 @@ def write_report(config, workdir, outputs, timings, quality_notes=None):
            f"<style>{_STYLE}</style></head><body>"]
   parts.append("<h1>vidsim demo</h1>")
   parts.append(f"<p class='sub'>Embedded world: {html.escape(config.data.builder)}/{html.escape(config.data.builder_config)}. "
-               f"Stage times: {', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}.</p>")
+               f"Stage times of this invocation (a re-run skips finished work): {', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}.</p>")
 
   parts.append("<h2>How good is this?</h2><div class='honest'>")
   parts.append(_honest_summary(config, vae_rows, dit_rows, val_psnr, quality_notes))

@@ -1,0 +1,35 @@
+"""W/report.html: every task card with its prompt and media, curves, metrics, measured summary."""
+
+import json
+
+import numpy as np
+
+from vidsim import config as config_lib
+from vidsim import report
+from vidsim.data.video_io import write_video
+
+
+def test_report_shows_every_output_curves_and_measured_summary(tmp_path):
+  config = config_lib.base_config()
+  (tmp_path / "vae" / "recon").mkdir(parents=True)
+  (tmp_path / "dit").mkdir()
+  (tmp_path / "vae" / "metrics.jsonl").write_text(
+      "".join(json.dumps({"step": s, "loss": 1.0 / s, "psnr": 15 + s}) + "\n" for s in (10, 20)))
+  (tmp_path / "vae" / "recon" / "val_psnr.jsonl").write_text('{"step": 20, "val_psnr": 21.9}\n')
+  (tmp_path / "dit" / "metrics.jsonl").write_text(
+      "".join(json.dumps({"step": s, "loss": 2.0 - s / 100, "loss_t00_25": 1.0}) + "\n" for s in (10, 20)))
+  frames = np.zeros((3, 8, 8, 3), np.uint8)
+  items = []
+  for task in ("t2v", "i2v <script>"):
+    out = tmp_path / "samples" / f"{len(items)}.gif"
+    out.parent.mkdir(exist_ok=True)
+    write_video(out, frames, 8.0)
+    items.append(dict(task=task, prompt=f"a red 3 moves right ({task})", output=str(out), inputs=[str(out)]))
+
+  page = report.write_report(config, tmp_path, items, {"train-vae": 12.0}).read_text()
+  assert page.count("class='card'><div class='task'>") == 2
+  assert "a red 3 moves right (t2v)" in page and "&lt;script&gt;" in page and "<script>" not in page
+  assert "src='samples/0.gif'" in page  # Relative links: the page works from disk.
+  assert "21.9 dB" in page and "from 1.900 to 1.800" in page
+  assert page.count("<svg") >= 4 and "loss_t00_25" in page
+  assert not (tmp_path / "report.html.tmp").exists()
