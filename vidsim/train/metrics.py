@@ -10,6 +10,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from etils import epath
 
 from vidsim.log import is_chief
@@ -69,23 +70,26 @@ def read_metrics(path) -> list:
 # ------------------------------------------------------------------ MFU
 
 
-def measure_matmul_flops_per_s(size: int = 2048, repeats: int = 5) -> float:
+def measure_matmul_flops_per_s(size: int = 2048, min_seconds: float = 1.0) -> float:
   """FLOP/s of a large fp32 matmul on one device: the ceiling MFU is measured against.
 
   On CPU there is no published peak, so the measured rate of the operation the models
-  are made of is the honest denominator. Measure it in the same process as the model.
+  are made of is the honest denominator. Measure it in the same process as the model,
+  as the median over at least `min_seconds` of back-to-back matmuls (a single short
+  matmul is at the mercy of whatever else the machine is doing).
   """
   key = jax.random.key(0)
   a = jax.random.normal(key, (size, size), jnp.float32)
   b = jax.random.normal(jax.random.fold_in(key, 1), (size, size), jnp.float32)
   matmul = jax.jit(lambda x, y: x @ y)
   matmul(a, b).block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
+  times = []
+  start = time.perf_counter()
+  while len(times) < 5 or time.perf_counter() - start < min_seconds:
+    begin = time.perf_counter()
     matmul(a, b).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  return 2 * size**3 / best
+    times.append(time.perf_counter() - begin)
+  return 2 * size**3 / float(np.median(times))
 
 
 # Published dense bf16 peaks per chip, for MFU on accelerators.
