@@ -84,6 +84,7 @@ def train_dit(config, workdir, mesh):
     state_shardings = loop.state_shardings(jax.eval_shape(init_state), abstract_params, param_shardings, mesh)
     train_step = make_train_step(config, graphdef, optimizer)
 
+    # ------------------------------------------------------------ batches onto the mesh, and their cost
     def to_global(host_batch):
       arrays = {k: host_batch[k] for k in BATCH_KEYS if k in host_batch}
       return mesh_lib.make_global_batch(arrays, mesh, config)
