@@ -111,16 +111,21 @@ def synthetic_packed_batch(config, rows=None, segments_per_row=2, seed=0):
   return batch
 
 
-def _dit_setup(config, mesh):
+def _stage_setup(config, mesh, stage):
+  """A stage's real train state (on the mesh) and its jitted train step, as the trainer
+  builds them: `stage` is vidsim.train.dit_loop or vidsim.train.vae_loop."""
   from vidsim.train import dit_loop, loop
 
-  graphdef, abstract_params, param_shardings = dit_loop.abstract_dit(config, mesh)
-  optimizer = optim.make_optimizer(config.train)
-  init_state = functools.partial(dit_loop.init_dit_state, config, optimizer)
+  is_dit = stage is dit_loop
+  abstract, init, section = ((stage.abstract_dit, stage.init_dit_state, config.train) if is_dit
+                             else (stage.abstract_vae, stage.init_vae_state, config.vae_train))
+  graphdef, abstract_params, param_shardings = abstract(config, mesh)
+  optimizer = optim.make_optimizer(section)
+  init_state = functools.partial(init, config, optimizer)
   shardings = loop.state_shardings(jax.eval_shape(init_state), abstract_params, param_shardings, mesh)
   state = jax.jit(init_state, out_shardings=shardings)()
-  step = jax.jit(dit_loop.make_train_step(config, graphdef, optimizer), out_shardings=(shardings, None), donate_argnums=0)
-  return state, step, shardings
+  step = jax.jit(stage.make_train_step(config, graphdef, optimizer), out_shardings=(shardings, None), donate_argnums=0)
+  return graphdef, state, step, shardings
 
 
 def bench_dit(config):
@@ -129,7 +134,7 @@ def bench_dit(config):
 
   mesh = mesh_lib.make_mesh(config)
   with mesh_lib.activate(mesh, config):
-    state, step, _ = _dit_setup(config, mesh)
+    _, state, step, _ = _stage_setup(config, mesh, dit_loop)
     host = synthetic_packed_batch(config)
     batch = mesh_lib.make_global_batch(host, mesh, config)
     _, seconds, times = _time_steps(step, state, batch, config.bench.warmup, config.bench.steps)
@@ -151,7 +156,7 @@ def bench_vae(config):
   from flax import nnx
 
   from vidsim.models import vae as vae_lib
-  from vidsim.train import loop, vae_loop
+  from vidsim.train import vae_loop
 
   mesh = mesh_lib.make_mesh(config)
   frames, height, width = max(config.data.buckets, key=lambda b: b[0] * b[1] * b[2])
@@ -159,12 +164,7 @@ def bench_vae(config):
   rng = np.random.default_rng(0)
   video = rng.uniform(-1, 1, (clips, frames, height, width, 3)).astype(np.float32)
   with mesh_lib.activate(mesh, config):
-    graphdef, abstract_params, param_shardings = vae_loop.abstract_vae(config, mesh)
-    optimizer = optim.make_optimizer(config.vae_train)
-    init_state = functools.partial(vae_loop.init_vae_state, config, optimizer)
-    shardings = loop.state_shardings(jax.eval_shape(init_state), abstract_params, param_shardings, mesh)
-    state = jax.jit(init_state, out_shardings=shardings)()
-    step = jax.jit(vae_loop.make_train_step(config, graphdef, optimizer), out_shardings=(shardings, None), donate_argnums=0)
+    graphdef, state, step, _ = _stage_setup(config, mesh, vae_loop)
     batch = mesh_lib.make_global_batch({"video": video}, mesh, config)
     state, seconds, times = _time_steps(step, state, batch, config.bench.warmup, config.bench.steps)
     encode = jax.jit(lambda p, v: nnx.merge(graphdef, p).encode(v)[0])
@@ -190,7 +190,7 @@ def bench_checkpoint(config):
   mesh = mesh_lib.make_mesh(config)
   result = {}
   with tempfile.TemporaryDirectory() as tmp, mesh_lib.activate(mesh, config):
-    state, step, shardings = _dit_setup(config, mesh)
+    _, state, step, shardings = _stage_setup(config, mesh, dit_loop)
     batch = mesh_lib.make_global_batch(synthetic_packed_batch(config), mesh, config)
     state, step_seconds, _ = _time_steps(step, state, batch, config.bench.warmup, config.bench.steps)
     saver = ckpt_lib.Checkpointer(epath.Path(tmp) / "ckpt", keep_last=2, async_save=True)
@@ -213,7 +213,7 @@ def bench_checkpoint(config):
     other = _other_mesh_config(config)
     other_mesh = mesh_lib.make_mesh(other)
     with mesh_lib.activate(other_mesh, other):
-      graphdef, abstract_params, param_shardings = dit_loop.abstract_dit(other, other_mesh)
+      _, abstract_params, param_shardings = dit_loop.abstract_dit(other, other_mesh)
       other_shardings = dit_loop.loop.state_shardings(
           jax.eval_shape(functools.partial(dit_loop.init_dit_state, other, optim.make_optimizer(other.train))),
           abstract_params, param_shardings, other_mesh)

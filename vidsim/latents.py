@@ -29,7 +29,6 @@ from flax import nnx, serialization
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from vidsim import mesh as mesh_lib
 from vidsim.data import pipeline
 from vidsim.errors import UsageError
 from vidsim.log import get_logger, is_chief, progress
@@ -41,9 +40,9 @@ CACHE_DIR = "latents"
 
 
 def run_encode(args, config):
-  mesh_lib.init_distributed(config)
-  mesh = mesh_lib.make_mesh(config)
-  encode_cache(config, args.workdir, mesh)
+  from vidsim.train.loop import job_mesh
+
+  encode_cache(config, args.workdir, job_mesh(config))
 
 
 def cache_dir(workdir) -> epath.Path:

@@ -505,8 +505,9 @@ def run_sample(args, config):
   strength = s.edit_strength if args.strength is None else args.strength
   if task == "edit":
     tasks_lib.check_strength(strength)
-  mesh_lib.init_distributed(config)
-  mesh = mesh_lib.make_mesh(config)
+  from vidsim.train.loop import job_mesh
+
+  mesh = job_mesh(config)
   engine = Engine.from_workdir(config, args.workdir, mesh)
   generation = generate(
       engine, task, [args.prompt] * args.num_samples, **size, seed=config.seed if args.seed is None else args.seed,
