@@ -88,14 +88,11 @@ class TrainedDiT:
   """The EMA weights of the latest DiT checkpoint in W/dit/checkpoints, sharded like training."""
 
   def __init__(self, config, workdir, mesh):
-    from vidsim.train.checkpoint import Checkpointer
+    from vidsim.train.checkpoint import open_latest
     from vidsim.train.dit_loop import abstract_dit
 
-    directory = epath.Path(workdir) / "dit" / "checkpoints"
-    reader = Checkpointer(directory, read_only=True) if directory.exists() else None
-    step = reader.latest_step() if reader else None
-    if step is None:
-      raise UsageError(f"no DiT checkpoint in {directory}: run `vidsim train --config ... --workdir {workdir}` first")
+    reader, step = open_latest(epath.Path(workdir) / "dit" / "checkpoints", "DiT",
+                               f"run `vidsim train --config ... --workdir {workdir}` first")
     self.graphdef, abstract_params, shardings = abstract_dit(config, mesh)
     target = {"ema": jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_params, shardings)}

@@ -23,6 +23,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from vidsim.errors import UsageError
 from vidsim.log import get_logger
 
 log = get_logger("checkpoint")
@@ -102,6 +103,22 @@ class Checkpointer:
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def open_latest(candidates, what: str, hint: str = ""):
+  """(read-only Checkpointer, latest step) of the first of `candidates` (checkpoint
+  directories) that holds a complete checkpoint; otherwise a UsageError naming the paths."""
+  candidates = [epath.Path(c) for c in ([candidates] if isinstance(candidates, (str, os.PathLike)) else candidates)]
+  for directory in candidates:
+    if not directory.exists():
+      continue
+    reader = Checkpointer(directory, read_only=True)
+    step = reader.latest_step()
+    if step is not None:
+      return reader, step
+    reader.close()
+  where = " or ".join(str(c) for c in candidates)
+  raise UsageError(f"no {what} checkpoint in {where}" + (f": {hint}" if hint else ""))
 
 
 def absolute(path) -> epath.Path:

@@ -23,7 +23,7 @@ from vidsim import config as config_lib
 from vidsim import mesh as mesh_lib
 from vidsim.errors import StoppedError, UsageError
 from vidsim.log import get_logger, is_chief, progress
-from vidsim.train.checkpoint import Checkpointer, abstract_like
+from vidsim.train.checkpoint import Checkpointer, abstract_like, open_latest
 from vidsim.train.metrics import MetricsWriter, StepTimer, peak_flops_per_s
 
 log = get_logger("train")
@@ -191,14 +191,9 @@ def _log_row(step_metrics, state, window, peak, summarize_units=None):
 def _load_weights(state, path, spec):
   """--config.init_from: model weights (params and EMA) from another run's checkpoint."""
   source = epath.Path(path)
-  for candidate in (source, source / spec.name / "checkpoints", source / "checkpoints"):
-    if candidate.exists() and Checkpointer(candidate, read_only=True).latest_step() is not None:
-      source = candidate
-      break
-  else:
-    raise UsageError(f"init_from={path}: no {spec.name} checkpoint found there")
-  reader = Checkpointer(source, read_only=True)
-  step = reader.latest_step()
+  reader, step = open_latest((source, source / spec.name / "checkpoints", source / "checkpoints"),
+                             spec.name, f"init_from={path} names no {spec.name} checkpoint")
+  source = reader.directory
   saved = reader.saved_state_shapes(step)
   mismatched = _mismatches(state["params"], saved["params"])
   if mismatched:

@@ -143,9 +143,8 @@ def side_by_side(video, recon):
 
 
 def latent_stats(config, graphdef, params, mesh, batches: int = 8):
-  """Per-channel shift and scale of posterior samples z = mean + std * eps over training
-  clips (EMA weights), so the latents the DiT sees have zero mean and unit variance:
-  var(z) = var(mean) + E[std^2]. Deterministic: a fresh, seeded iterator."""
+  """Per-channel shift and scale of posterior samples over `batches` training batches
+  (EMA weights; formula in vae.latent_stats_from_sums). Deterministic: a fresh, seeded iterator."""
   data = iter(pipeline.pixel_dataset(
       config, config.data.train_split, batch_multiple=mesh_lib.data_parallel_size(mesh, config), seed=config.seed + 1))
 
@@ -164,9 +163,7 @@ def latent_stats(config, graphdef, params, mesh, batches: int = 8):
     totals += np.asarray(mesh_lib.to_host(moments(params, video)), np.float64)
     latent = vae_lib.latent_shape(config, *video.shape[1:4])
     count += video.shape[0] * int(np.prod(latent[:3]))
-  shift = totals[0] / count
-  variance = np.maximum(totals[1] / count - shift**2, 0.0) + totals[2] / count
-  return shift.astype(np.float32), np.sqrt(np.maximum(variance, 1e-12)).astype(np.float32)
+  return vae_lib.latent_stats_from_sums(*totals, count)
 
 
 # ------------------------------------------------------------------ using a trained VAE
@@ -181,14 +178,10 @@ class TrainedVAE:
 
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from vidsim.errors import UsageError
-    from vidsim.train.checkpoint import Checkpointer
+    from vidsim.train.checkpoint import open_latest
 
-    directory = epath.Path(workdir) / STAGE / "checkpoints"
-    reader = Checkpointer(directory, read_only=True) if directory.exists() else None
-    step = reader.latest_step() if reader else None
-    if step is None:
-      raise UsageError(f"no VAE checkpoint in {directory}: run `vidsim train-vae --config ... --workdir {workdir}` first")
+    reader, step = open_latest(epath.Path(workdir) / STAGE / "checkpoints", "VAE",
+                               f"run `vidsim train-vae --config ... --workdir {workdir}` first")
     self.graphdef, abstract_params, _ = abstract_vae(config, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
     as_target = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated)
