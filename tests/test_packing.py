@@ -1,12 +1,17 @@
-"""Packing latent examples of mixed shapes into fixed-length rows (vidsim/data/packing.py)."""
+"""Packing latent examples of mixed shapes into fixed-length rows (vidsim/data/packing.py),
+planned globally so every process count sees the same batches, and read from the latent cache."""
 
+import collections
 import json
+import types
 
 import grain
 import numpy as np
 import pytest
+from array_record.python.array_record_module import ArrayRecordWriter
+from flax import serialization
 
-from vidsim import patches
+from vidsim import latents, patches
 from vidsim.data import packing
 from vidsim.errors import UsageError
 
@@ -130,8 +135,7 @@ def test_segment_limit_per_row(tiny_config):
 
 
 def test_resume_gives_the_same_next_batches(tiny_config):
-  source = grain.MapDataset.source(make_examples(200, seed=6)).shuffle(seed=0).repeat()
-  dataset = packing.packed_dataset(source, tiny_config)
+  dataset = packing.packed_dataset(make_examples(200, seed=6), tiny_config, shuffle=True, repeat=True)
   iterator = iter(dataset)
   for _ in range(3):
     next(iterator)
@@ -140,9 +144,13 @@ def test_resume_gives_the_same_next_batches(tiny_config):
   resumed = iter(dataset)
   resumed.set_state(state)
   for want in expected:
-    got = next(resumed)
-    for key in want:
-      np.testing.assert_array_equal(got[key], want[key])
+    assert_same_batch(next(resumed), want)
+
+
+def assert_same_batch(got, want):
+  assert set(got) == set(want)
+  for key in want:
+    np.testing.assert_array_equal(got[key], want[key], err_msg=key)
 
 
 def test_grain_checkpoint_helper_on_every_state(tiny_config):
@@ -172,17 +180,162 @@ def test_precomputed_text_embeddings(tiny_config):
 
 
 def test_host_share_and_bad_inputs(tiny_config):
-  assert packing.host_rows(tiny_config, process_count=2) == 4
   batches = packed(tiny_config, make_examples(100, seed=9), process_count=2)
   assert batches[0]["tokens"].shape[0] == 4
-  assert packed(tiny_config, make_examples(100, seed=9), rows=3)[0]["tokens"].shape[0] == 3
-  with pytest.raises(UsageError, match="multiple of the process count 3"):
-    packing.host_rows(tiny_config, process_count=3)
-  bad = make_examples(20)
+  tiny_config.train.rows_per_batch = 3
+  assert packed(tiny_config, make_examples(100, seed=9))[0]["tokens"].shape[0] == 3
+  with pytest.raises(UsageError, match="multiple of the process count 2"):
+    packed(tiny_config, make_examples(20), process_count=2)
+  tiny_config.train.rows_per_batch = 8
+  bad = make_examples(100)  # More than one batch: the bad example is read.
   bad[0]["text_tokens"] = np.ones(5, np.int32)
   with pytest.raises(UsageError, match=r"'text_tokens'.*\(5,\).*text.max_length"):
     packed(tiny_config, bad)
   with pytest.raises(UsageError, match=r"\(1, 4, 5\).*nearest valid sizes"):
     packed(tiny_config, [dict(latent=np.zeros((1, 4, 5, 4), np.float32), text_tokens=byte_ids("x"))])
   with pytest.raises(UsageError, match="needs 'text_tokens'"):
-    packed(tiny_config, [dict(latent=np.zeros((1, 4, 4, 4), np.float32), caption="x")])
+    packed(tiny_config, [dict(latent=np.zeros((1, 4, 4, 4), np.float32), caption="x")] * 70)
+  with pytest.raises(UsageError, match="no 'latent' key"):
+    packed(tiny_config, [dict(text_tokens=byte_ids("x"))])
+
+
+# ------------------------------------------------------------------ one global plan, any process count
+
+
+def plans(tokens, config, process_index=0, process_count=1, seed=0):
+  return packing.PackPlanIterDataset(
+      tokens, rows=config.train.rows_per_batch, row_tokens=config.train.row_tokens,
+      slots=config.train.max_segments_per_row, seed=seed, shuffle=True, repeat=True,
+      process_index=process_index, process_count=process_count)
+
+
+def random_tokens(n, seed=0):
+  return np.random.default_rng(seed).integers(1, 65, size=n)  # 1..row_tokens of the tiny config.
+
+
+@pytest.mark.parametrize("count", [2, 4])
+def test_every_process_plans_the_same_batches_and_their_rows_make_the_one_process_plan(tiny_config, count):
+  tokens = random_tokens(90)
+  single = iter(plans(tokens, tiny_config))
+  shares = [iter(plans(tokens, tiny_config, p, count)) for p in range(count)]
+  for _ in range(25):  # About 4 epochs.
+    whole = next(single)
+    parts = [next(share) for share in shares]
+    assert {part["start"] for part in parts} == {whole["start"]}
+    assert [row for part in parts for row in part["rows"]] == whole["rows"]
+    assert {json.dumps(share.get_state()) for share in shares} == {json.dumps(single.get_state())}
+    for row in whole["rows"]:
+      assert 1 <= len(row) <= tiny_config.train.max_segments_per_row
+      assert sum(t for _, _, t in row) <= tiny_config.train.row_tokens
+
+
+def test_plan_covers_each_epoch_once_in_stream_order(tiny_config):
+  tokens = random_tokens(90, seed=1)
+  iterator = iter(plans(tokens, tiny_config, seed=3))
+  positions, records = [], []
+  while len(positions) < 3 * 90:
+    plan = next(iterator)
+    assert plan["start"] == len(positions)  # Each batch starts where the last one stopped.
+    batch = sorted(entry for row in plan["rows"] for entry in row)
+    positions += [p for p, _, _ in batch]
+    records += [r for _, r, _ in batch]
+    assert all(t == tokens[r] for _, r, t in batch)
+  assert positions == list(range(len(positions)))  # No gaps, no repeats.
+  epochs = [records[e * 90 : (e + 1) * 90] for e in range(3)]
+  assert all(sorted(epoch) == list(range(90)) for epoch in epochs)  # Every example once per epoch.
+  assert epochs[0] != epochs[1]  # Each epoch has its own order.
+
+
+# ------------------------------------------------------------------ from the latent cache
+
+
+def write_cache(workdir, config, n=60, seed=0):
+  """A latent cache as `vidsim encode` leaves it: shards, shape index and manifest."""
+  rng = np.random.default_rng(seed)
+  root = latents.cache_dir(workdir)
+  root.mkdir(parents=True)
+  per_shard = 16
+  for k, start in enumerate(range(0, n, per_shard)):
+    writer = ArrayRecordWriter(str(root / latents.shard_name("train", k, -(-n // per_shard))), "group_size:1")
+    for i in range(start, min(start + per_shard, n)):
+      shape = SHAPES[rng.integers(len(SHAPES))]
+      writer.write(serialization.msgpack_serialize({
+          "mean": rng.normal(size=shape).astype(np.float32), "std": np.full(shape, 0.1, np.float32),
+          "example_id": np.int64(1000 + i), "index": np.int64(i),
+          "text_tokens": byte_ids(f"example {i}"), "text_mask": byte_ids(f"example {i}") > 0,
+      }))
+    writer.close()
+  vae = types.SimpleNamespace(fingerprint="f" * 16, step=1, shift=[0.5] * 4, scale=[2.0] * 4)
+  config.encode.splits = ("train",)
+  manifest = latents._build_manifest(root, config, vae)
+  (root / "manifest.json").write_text(json.dumps(manifest))
+  return latents.load_manifest(workdir)
+
+
+def cached_batches(config, workdir, manifest, count=1, index=0, state=None, batches=6):
+  iterator = iter(latents.packed_latents(config, workdir, "train", manifest, seed=5,
+                                         process_index=index, process_count=count))
+  if state is not None:
+    iterator.set_state(state)
+  return [next(iterator) for _ in range(batches)], iterator.get_state()
+
+
+def captions_in(batch):
+  return [caption_of(batch["text_tokens"][r, k]) for r in range(batch["segment_ids"].shape[0])
+          for k in range(batch["segment_ids"][r].max())]
+
+
+def test_cache_shape_index_matches_the_latents(tiny_config, tmp_path):
+  manifest = write_cache(tmp_path, tiny_config)
+  shapes = latents.latent_shapes(tmp_path, "train", manifest)
+  source = latents.cache_source(tmp_path, "train", manifest)
+  assert len(shapes) == len(source) == 60
+  for i in range(len(source)):
+    assert tuple(shapes[i]) == latents.read_record(source[i])["mean"].shape
+  assert sum(manifest["splits"]["train"]["latent_shapes"].values()) == 60
+
+
+def test_cache_batches_union_over_processes_is_the_one_process_batch(tiny_config, tmp_path):
+  manifest = write_cache(tmp_path, tiny_config)
+  single, single_state = cached_batches(tiny_config, tmp_path, manifest)
+  for count in (1, 2, 4):
+    shares = [cached_batches(tiny_config, tmp_path, manifest, count, p) for p in range(count)]
+    assert all(state == single_state for _, state in shares)
+    for step, whole in enumerate(single):
+      parts = [batches[step] for batches, _ in shares]
+      assert all(part["tokens"].shape[0] == 8 // count for part in parts)
+      assert_same_batch({k: np.concatenate([part[k] for part in parts]) for k in whole}, whole)
+  # The latent is (mean + std * eps - shift) / scale: close to (mean - 0.5) / 2, never equal.
+  source = latents.cache_source(tmp_path, "train", manifest)
+  first = latents.read_record(source[int(caption_of(single[0]["text_tokens"][0, 0]).split()[1])])
+  segment = single[0]["segment_ids"][0] == 1
+  expected = patches.patchify(packing.leading_crop((first["mean"] - 0.5) / 2.0, (1, 2, 2), 64), (1, 2, 2))[0]
+  got = single[0]["tokens"][0][segment]
+  assert np.abs(got - expected).max() < 0.3 and not np.allclose(got, expected)
+
+
+def test_state_saved_by_two_processes_resumes_on_one_without_repeats_or_gaps(tiny_config, tmp_path):
+  manifest = write_cache(tmp_path, tiny_config)
+  straight, _ = cached_batches(tiny_config, tmp_path, manifest, batches=12)
+  shares = [cached_batches(tiny_config, tmp_path, manifest, 2, p, batches=5) for p in range(2)]
+  states = [json.loads(json.dumps(state)) for _, state in shares]  # As the checkpoint stores them.
+  assert states[0] == states[1]
+  resumed, _ = cached_batches(tiny_config, tmp_path, manifest, state=states[0], batches=7)
+  for got, want in zip(resumed, straight[5:]):
+    assert_same_batch(got, want)
+  for step in range(5):  # The two processes' rows make the one-process batches.
+    assert_same_batch({k: np.concatenate([share[0][step][k] for share in shares]) for k in straight[step]},
+                      straight[step])
+  seen = [c for step in range(5) for share in shares for c in captions_in(share[0][step])]
+  seen += [c for batch in resumed for c in captions_in(batch)]
+  # 12 batches take a contiguous run of the stream: every example E or E + 1 times.
+  counts = collections.Counter(seen)
+  assert len(seen) > 60 and set(counts) == {f"example {i}" for i in range(60)}
+  assert max(counts.values()) - min(counts.values()) <= 1
+
+
+def test_cache_without_shape_index_asks_to_re_encode(tiny_config, tmp_path):
+  manifest = write_cache(tmp_path, tiny_config, n=20)
+  del manifest["splits"]["train"]["shape_index"]
+  with pytest.raises(UsageError, match="no per-example shape index.*re-run `vidsim encode"):
+    latents.packed_latents(tiny_config, tmp_path, "train", manifest, seed=0, process_index=0, process_count=1)

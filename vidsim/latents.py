@@ -14,6 +14,9 @@ the reader applies them.
 
 W/latents/manifest.json lists shards, counts, latent shapes and the fingerprint of
 the VAE checkpoint; the DiT refuses a cache whose fingerprint is not the VAE's.
+W/latents/<split>-shape-ids.npy gives every example's latent shape (an id into the
+manifest's shape_table), so the DiT can plan packed batches in every process without
+reading the latents (`packed_latents`).
 """
 
 import collections
@@ -184,18 +187,30 @@ def _check_or_claim_fingerprint(root, vae):
 
 
 def _build_manifest(root, config, vae):
+  """The manifest, plus per split a shape index (`<split>-shape-ids.npy`, one id per
+  example in cache order into the manifest's `shape_table`) that lets every process
+  plan packed batches without reading the latents."""
   splits = {}
   for split in config.encode.splits:
     files = sorted(root.glob(f"{split}-*.array_record"))
-    shards, shapes, total = [], collections.Counter(), 0
+    shards, table, ids = [], {}, []
     for f in files:
       source = ArrayRecordDataSource([str(f)])
       n = len(source)
       for i in range(n):
-        shapes["x".join(map(str, read_record(source[i])["mean"].shape))] += 1
+        shape = tuple(int(s) for s in read_record(source[i])["mean"].shape)
+        ids.append(table.setdefault(shape, len(table)))
       shards.append({"file": f.name, "examples": n})
-      total += n
-    splits[split] = {"num_examples": total, "shards": shards, "latent_shapes": dict(shapes)}
+    counts = collections.Counter(ids)
+    index_name = f"{split}-shape-ids.npy"
+    _write_npy_atomically(root / index_name, np.asarray(ids, np.uint16 if len(table) < 2**16 else np.int32))
+    splits[split] = {
+        "num_examples": len(ids),
+        "shards": shards,
+        "latent_shapes": {"x".join(map(str, shape)): counts[i] for shape, i in table.items()},
+        "shape_table": [list(shape) for shape in table],
+        "shape_index": index_name,
+    }
   return {
       "vae_fingerprint": vae.fingerprint,
       "vae_step": vae.step,
@@ -205,6 +220,13 @@ def _build_manifest(root, config, vae):
       "text_max_length": config.text.max_length,
       "splits": splits,
   }
+
+
+def _write_npy_atomically(path: epath.Path, array):
+  tmp = path.parent / f"{path.name}.tmp-{os.getpid()}"
+  with tmp.open("wb") as f:
+    np.save(f, array)
+  tmp.rename(path)
 
 
 # ------------------------------------------------------------------ reading
@@ -236,33 +258,65 @@ def cache_source(workdir, split, manifest) -> ArrayRecordDataSource:
   return ArrayRecordDataSource([str(root / s["file"]) for s in manifest["splits"][split]["shards"]])
 
 
-def latent_examples(config, workdir, split, manifest, *, seed, process_index=None, process_count=None):
-  """grain MapDataset of this process's latent examples, shuffled per epoch, repeated.
+def latent_shapes(workdir, split, manifest) -> np.ndarray:
+  """int [N, 4] (t, h, w, c) of every latent of a split, in cache order, from the shape index."""
+  entry = manifest["splits"].get(split)
+  if entry is None:
+    raise UsageError(f"latent cache has no split {split!r}; it has {sorted(manifest['splits'])}")
+  if "shape_index" not in entry:
+    raise UsageError(
+        f"the latent cache in {cache_dir(workdir)} has no per-example shape index (made by an older vidsim): "
+        f"re-run `vidsim encode --config ... --workdir {workdir}`; it keeps the encoded shards and only "
+        "rewrites the manifest and the index"
+    )
+  with (cache_dir(workdir) / entry["shape_index"]).open("rb") as f:
+    ids = np.load(f)
+  if len(ids) != entry["num_examples"]:
+    raise UsageError(f"shape index of split {split!r} has {len(ids)} entries for {entry['num_examples']} "
+                     "examples: re-run `vidsim encode` to rebuild it")
+  return np.asarray(entry["shape_table"], np.int64)[ids.astype(np.int64)]
 
-  Each element: latent float32 [t, h, w, c] = (mean + std * eps - shift) / scale with a
-  fresh eps per (seed, epoch, index), text_tokens/text_mask, example_id.
+
+def packed_latents(config, workdir, split, manifest, *, seed, process_index=None, process_count=None):
+  """grain IterDataset of this process's packed batches (vidsim/data/packing.py) of a split, repeated.
+
+  Every process plans the same global batches from the shape index and reads only the
+  latents of its own rows. Latent = (mean + std * eps - shift) / scale, with eps a pure
+  function of (seed, stream position): each epoch draws fresh noise, a resume the same.
   """
-  import grain
+  from vidsim.data import packing
 
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
-  shift = np.asarray(manifest["latent_shift"], np.float32)
-  scale = np.asarray(manifest["latent_scale"], np.float32)
-  source = cache_source(workdir, split, manifest)
-  if len(source) < process_count:
-    raise UsageError(f"latent cache split {split!r} has {len(source)} examples for {process_count} processes")
+  shapes = latent_shapes(workdir, split, manifest)
+  patch_size, row_tokens = tuple(config.dit.patch_size), config.train.row_tokens
+  distinct, inverse = np.unique(shapes, axis=0, return_inverse=True)
+  tokens = np.asarray([packing.token_count(s, patch_size, row_tokens) for s in distinct], np.int64)[inverse.ravel()]
+  plans = packing.PackPlanIterDataset(
+      tokens, rows=config.train.rows_per_batch, row_tokens=row_tokens, slots=config.train.max_segments_per_row,
+      seed=seed, shuffle=config.data.shuffle, repeat=True, process_index=process_index, process_count=process_count)
+  reader = _LatentReader(workdir, split, manifest, seed)
+  return plans.map(packing.PackRows(reader, config))
 
-  def to_example(raw, rng):
-    record = read_record(raw)
-    eps = rng.standard_normal(record["mean"].shape).astype(np.float32)
-    latent = (record["mean"] + record["std"] * eps - shift) / scale
+
+class _LatentReader:
+  """(stream positions, record indices) -> latent examples, read by random access."""
+
+  def __init__(self, workdir, split, manifest, seed):
+    self._source = cache_source(workdir, split, manifest)
+    self._shift = np.asarray(manifest["latent_shift"], np.float32)
+    self._scale = np.asarray(manifest["latent_scale"], np.float32)
+    self._seed = int(seed)
+
+  def __call__(self, positions, records):
+    raws = self._source.__getitems__(records)
+    return [self._example(read_record(raw), position) for raw, position in zip(raws, positions)]
+
+  def _example(self, record, position):
+    eps = np.random.default_rng([self._seed, int(position)]).standard_normal(record["mean"].shape, np.float32)
+    latent = (record["mean"] + record["std"] * eps - self._shift) / self._scale
     example = {"latent": latent.astype(np.float32), "example_id": np.int64(record["example_id"])}
     if "text_tokens" in record:
       example["text_tokens"] = np.asarray(record["text_tokens"], np.int32)
       example["text_mask"] = np.asarray(record["text_mask"], bool)
     return example
-
-  dataset = grain.MapDataset.source(source)[process_index::process_count]
-  if config.data.shuffle:
-    dataset = dataset.shuffle(seed=seed)
-  return dataset.repeat().random_map(to_example, seed=seed)

@@ -1,22 +1,34 @@
 """NaViT-style packing: latent grids of any shape -> fixed-length rows of patch tokens.
 
-A grain stage over latent-cache examples (dicts with `latent` float32 [t, h, w, c],
-already normalised, and `text_tokens` int32 [S] + `text_mask` bool [S], or
-`text_embeddings` float32 [S, E] + `text_mask`). Each example is cropped to fit a
-row, patchified, and packed first-fit with grain's `FirstFitPackIterDataset`
-(it packs N-dimensional features and keeps its own checkpointable state). Per-segment
-features (text, frame count) ride along as length-1 sequences packed into K slots,
-so slot k of a row always belongs to segment k + 1.
+Examples are dicts with `latent` float32 [t, h, w, c] (already normalised) and
+`text_tokens` int32 [S] + `text_mask` bool [S], or `text_embeddings` float32 [S, E] +
+`text_mask`. Each is cropped to fit a row and patchified; per-segment features (text,
+frame count) go into K slots, so slot k of a row always belongs to segment k + 1.
 
-Host-local batch (R = train.rows_per_batch / process_count rows, L =
-train.row_tokens tokens, K = train.max_segments_per_row, S = text.max_length):
-  tokens          float32 [R, L, P]   clean latent patches (P = pt*ph*pw*c)
-  positions       int32   [R, L, 3]   (t, h, w) of the patch in its sample's patch grid
-  segment_ids     int32   [R, L]      1..K per sample, 0 for padding
-  segment_frames  int32   [R, K]      patch-grid frames of segment k+1 (0 = empty slot)
-  text_tokens     int32   [R, K, S]   caption bytes + 1, 0 = padding   (text.encoder=bytes)
-  text_embeddings float32 [R, K, S, E]                                  (text.encoder=precomputed)
-  text_mask       bool    [R, K, S]   valid text positions
+    plan      one GLOBAL stream of example positions (epoch e shuffled with seed + e,
+              pipeline.record_order); first-fit over the R = train.rows_per_batch rows
+              of a batch, using only each example's token count (known from its shape);
+              a batch closes when the next example fits no row, and the next batch
+              starts with it (PackPlanIterDataset)
+    this process   takes rows [p*R/P, (p+1)*R/P) of each planned batch
+    load      reads only those rows' examples, patchifies them and lays the rows out
+
+Every process plans the same batches, so the iterator state is one number, the
+stream position of the next batch's first example: the same in every process, and a
+restore onto any process count recomputes the plan from it (no example of the epoch
+repeated or skipped). grain's FirstFitPackIterDataset is not used because its state
+is per process and it packs from the full features, which would make every process
+read every latent.
+
+Host-local batch (R/P rows, L = train.row_tokens tokens, K = train.max_segments_per_row,
+S = text.max_length):
+  tokens          float32 [R/P, L, P]   clean latent patches (P = pt*ph*pw*c)
+  positions       int32   [R/P, L, 3]   (t, h, w) of the patch in its sample's patch grid
+  segment_ids     int32   [R/P, L]      1..K per sample, 0 for padding
+  segment_frames  int32   [R/P, K]      patch-grid frames of segment k+1 (0 = empty slot)
+  text_tokens     int32   [R/P, K, S]   caption bytes + 1, 0 = padding   (text.encoder=bytes)
+  text_embeddings float32 [R/P, K, S, E]                                  (text.encoder=precomputed)
+  text_mask       bool    [R/P, K, S]   valid text positions
 Example ids and other keys are dropped. `packing_efficiency(batch)` is the share of
 real tokens, which the train loop logs.
 
@@ -28,55 +40,63 @@ frame larger than a row is a UsageError.
 """
 
 import grain
-import jax
 import numpy as np
 
 from vidsim import patches
 from vidsim.errors import UsageError
 
-# Features packed along the token axis (length L) and per segment (length K).
-_TOKEN_FEATURES = ("tokens", "positions")
+# Per-segment text features of each text encoder (K slots per row).
 _TEXT_FEATURES = {"bytes": ("text_tokens", "text_mask"), "precomputed": ("text_embeddings", "text_mask")}
 
 
-def host_rows(config, process_count=None) -> int:
-  """This process's rows per batch: train.rows_per_batch split evenly over processes."""
-  count = jax.process_count() if process_count is None else process_count
-  rows = config.train.rows_per_batch
-  if rows < 1 or rows % count:
-    raise UsageError(f"train.rows_per_batch={rows} must be a positive multiple of the process count {count}")
-  return rows // count
-
-
-def leading_crop(latent, patch_size, row_tokens: int):
-  """Keeps the leading whole patch frames of `latent` [t, h, w, c] that fit in row_tokens (see crop rule)."""
-  t, h, w, _ = latent.shape
-  pt, ph, pw = patch_size
+def kept_patch_frames(shape, patch_size, row_tokens: int):
+  """(patch frames kept by the crop rule, tokens per patch frame) of a latent of `shape` (t, h, w, c)."""
+  t, h, w = (int(s) for s in shape[:3])
+  pt = patch_size[0]
   _, grid_h, grid_w = patches.patch_grid_shape((pt, h, w), patch_size)  # Checks h, w.
   per_frame = grid_h * grid_w
   if per_frame > row_tokens:
     raise UsageError(
-        f"a latent frame of shape {latent.shape[1:]} makes {per_frame} tokens with dit.patch_size "
+        f"a latent frame of shape {tuple(shape[1:])} makes {per_frame} tokens with dit.patch_size "
         f"{tuple(patch_size)}, more than train.row_tokens={row_tokens}: raise row_tokens to at least "
         f"{per_frame} or use smaller frames"
     )
-  keep = min(t // pt, row_tokens // per_frame) * pt
-  return latent if keep == t else latent[: max(keep, pt)]  # Shorter than pt: patchify names it.
+  if t < pt:
+    patches.patch_grid_shape((t, h, w), patch_size)  # Raises, naming the nearest valid sizes.
+  return min(t // pt, row_tokens // per_frame), per_frame
+
+
+def token_count(shape, patch_size, row_tokens: int) -> int:
+  """Tokens a latent of `shape` takes in a row, after the crop rule: what the planner packs."""
+  frames, per_frame = kept_patch_frames(shape, tuple(patch_size), row_tokens)
+  return frames * per_frame
+
+
+def leading_crop(latent, patch_size, row_tokens: int):
+  """Keeps the leading whole patch frames of `latent` [t, h, w, c] that fit in row_tokens (see crop rule)."""
+  frames, _ = kept_patch_frames(latent.shape, tuple(patch_size), row_tokens)
+  keep = frames * patch_size[0]
+  return latent if keep == latent.shape[0] else latent[:keep]
 
 
 def _packable(example, *, config):
-  """One latent-cache example -> the features the packer packs (one segment)."""
-  if "latent" not in example:
-    raise UsageError(f"latent example has no 'latent' key; keys: {sorted(example)}")
-  latent = np.asarray(example["latent"], np.float32)
-  if latent.ndim != 4:
-    raise UsageError(f"example 'latent' must be [t, h, w, c], got shape {latent.shape}")
+  """One example -> one segment's features: tokens, positions, segment_frames [1], text [1, ...]."""
+  latent = np.asarray(_latent(example), np.float32)
   patch_size = tuple(config.dit.patch_size)
   tokens, positions = patches.patchify(leading_crop(latent, patch_size, config.train.row_tokens), patch_size)
   out = dict(tokens=tokens, positions=positions)
   out["segment_frames"] = np.asarray([positions[-1, 0] + 1], np.int32)
   out.update(_segment_text(example, config))
   return out
+
+
+def _latent(example):
+  if "latent" not in example:
+    raise UsageError(f"latent example has no 'latent' key; keys: {sorted(example)}")
+  latent = example["latent"]
+  if np.ndim(latent) != 4:
+    raise UsageError(f"example 'latent' must be [t, h, w, c], got shape {np.shape(latent)}")
+  return latent
 
 
 def _segment_text(example, config):
@@ -112,40 +132,162 @@ def _segment_text(example, config):
   return {name: value[None] for name, value in text.items()}
 
 
-def _to_packed_format(row):
-  """grain's packed row -> the batch format above (segment ids of the token feature; slot order)."""
-  out = {name: row[name] for name in row if not name.endswith(("_segment_ids", "_positions"))}
-  out["segment_ids"] = row["tokens_segment_ids"].astype(np.int32)
-  return out
+# ------------------------------------------------------------------ the global plan
 
 
-def packed_dataset(examples, config, *, rows=None, process_count=None):
-  """grain IterDataset of host-local packed batches from a (Map|Iter)Dataset of latent examples.
+def plan_batch(order, record_tokens, position: int, *, rows: int, row_tokens: int, slots: int, end=None):
+  """First-fit of the stream from `position` into one batch of `rows` rows.
 
-  rows: rows per batch (default: `host_rows(config, process_count)`).
-
-  First-fit over the R open rows of a batch: an example goes into the first row with
-  room for its tokens and a free segment slot; when none has, the R rows are emitted
-  as one batch and a new batch starts with that example. The iterator's
-  get_state/set_state (grain's) resume exactly: same next batches.
+  order: stream position -> record index; record_tokens: record index -> tokens.
+  Returns (members, next_position): members[r] lists the stream positions in row r,
+  next_position is the first example that fit no row (the next batch starts there).
+  With `end` (a finite stream), returns (None, end) if the stream ends first.
   """
-  if isinstance(examples, grain.MapDataset):
-    examples = examples.to_iter_dataset()
-  rows = host_rows(config, process_count) if rows is None else rows
+  used = [0] * rows
+  members = [[] for _ in range(rows)]
+  while end is None or position < end:
+    tokens = int(record_tokens[order[position]])
+    for r in range(rows):
+      if used[r] + tokens <= row_tokens and len(members[r]) < slots:
+        used[r] += tokens
+        members[r].append(position)
+        break
+    else:
+      return members, position
+    position += 1
+  return None, end
+
+
+class PackPlanIterDataset(grain.IterDataset):
+  """Stream of this process's share of globally planned packed batches (module docstring).
+
+  Elements: dict(start=first stream position of the batch, rows=[[(position, record,
+  tokens), ...] per row of this process]). State: {"position": next batch's start}.
+  """
+
+  def __init__(self, record_tokens, *, rows, row_tokens, slots, seed, shuffle, repeat, process_index, process_count):
+    super().__init__()
+    self.record_tokens = np.asarray(record_tokens, np.int64)
+    if self.record_tokens.size == 0:
+      raise UsageError("no examples to pack")
+    if self.record_tokens.max() > row_tokens:
+      raise UsageError(f"an example of {self.record_tokens.max()} tokens exceeds train.row_tokens={row_tokens}")
+    if slots < 1:
+      raise UsageError(f"train.max_segments_per_row must be >= 1, got {slots}")
+    if rows < 1 or rows % process_count:
+      raise UsageError(f"train.rows_per_batch={rows} must be a positive multiple of the process count {process_count}")
+    if not 0 <= process_index < process_count:
+      raise UsageError(f"process_index={process_index} is not in [0, {process_count})")
+    self.rows, self.row_tokens, self.slots = rows, row_tokens, slots
+    self.seed, self.shuffle, self.repeat = int(seed), bool(shuffle), bool(repeat)
+    self.process_index, self.process_count = process_index, process_count
+
+  def __iter__(self):
+    return _PackPlanIterator(self)
+
+  def __str__(self):
+    return f"PackPlanIterDataset(rows={self.rows}, row_tokens={self.row_tokens}, slots={self.slots})"
+
+
+class _PackPlanIterator(grain.DatasetIterator):
+
+  def __init__(self, ds: PackPlanIterDataset):
+    super().__init__()
+    from vidsim.data.pipeline import record_order
+
+    self._ds = ds
+    self._order = record_order(len(ds.record_tokens), ds.seed, ds.shuffle)
+    self._end = None if ds.repeat else len(ds.record_tokens)
+    self._position = 0
+
+  def __next__(self):
+    ds = self._ds
+    members, next_position = plan_batch(self._order, ds.record_tokens, self._position, rows=ds.rows,
+                                        row_tokens=ds.row_tokens, slots=ds.slots, end=self._end)
+    if members is None:  # A finite stream ended inside a batch: drop the partial batch.
+      raise StopIteration
+    start, self._position = self._position, next_position
+    share = ds.rows // ds.process_count
+    mine = members[ds.process_index * share : (ds.process_index + 1) * share]
+    rows = []
+    for row in mine:
+      records = [int(self._order[p]) for p in row]
+      rows.append([(p, r, int(ds.record_tokens[r])) for p, r in zip(row, records)])
+    return dict(start=start, rows=rows)
+
+  def get_state(self):
+    return {"position": self._position}
+
+  def set_state(self, state):
+    self._position = int(state["position"])
+
+
+# ------------------------------------------------------------------ rows of this process
+
+
+class PackRows(grain.transforms.Map):
+  """A plan -> this process's host-local packed batch. `read(positions, records)` returns
+  the examples of those stream positions (it may draw per-position noise)."""
+
+  def __init__(self, read, config):
+    self._read, self._config = read, config
+
+  def map(self, plan):
+    flat = [entry for row in plan["rows"] for entry in row]
+    examples = self._read([p for p, _, _ in flat], [r for _, r, _ in flat])
+    segments = [_packable(e, config=self._config) for e in examples]
+    for (position, record, planned), segment in zip(flat, segments):
+      if len(segment["tokens"]) != planned:
+        raise UsageError(
+            f"example {record} (stream position {position}) has {len(segment['tokens'])} tokens but its "
+            f"shape index says {planned}: the shape index does not match the data (re-run `vidsim encode`)"
+        )
+    rows, at = [], 0
+    for row in plan["rows"]:
+      rows.append(segments[at : at + len(row)])
+      at += len(row)
+    return layout_rows(rows, self._config)
+
+
+def layout_rows(rows, config):
+  """Lists of segments (from _packable) per row -> the host batch format (module docstring)."""
   row_tokens, slots = config.train.row_tokens, config.train.max_segments_per_row
-  if slots < 1:
-    raise UsageError(f"train.max_segments_per_row must be >= 1, got {slots}")
-  segment_features = ("segment_frames",) + _TEXT_FEATURES.get(config.text.encoder, ())
-  lengths = {name: row_tokens for name in _TOKEN_FEATURES}
-  lengths.update({name: slots for name in segment_features})
-  packed = grain.experimental.FirstFitPackIterDataset(
-      examples.map(lambda example: _packable(example, config=config)),
-      length_struct=lengths,
-      num_packing_bins=rows,
-      shuffle_bins=False,  # The upstream order is already shuffled; keep rows in packing order.
-      max_sequences_per_bin=slots,
-  )
-  return packed.map(_to_packed_format).batch(rows, drop_remainder=True)
+  first = rows[0][0]
+  batch = {
+      "tokens": np.zeros((len(rows), row_tokens, first["tokens"].shape[1]), np.float32),
+      "positions": np.zeros((len(rows), row_tokens, 3), np.int32),
+      "segment_ids": np.zeros((len(rows), row_tokens), np.int32),
+  }
+  for name in ("segment_frames",) + _TEXT_FEATURES[config.text.encoder]:
+    value = first[name]
+    batch[name] = np.zeros((len(rows), slots) + value.shape[1:], value.dtype)
+  for r, segments in enumerate(rows):
+    at = 0
+    for k, segment in enumerate(segments):
+      n = len(segment["tokens"])
+      batch["tokens"][r, at : at + n] = segment["tokens"]
+      batch["positions"][r, at : at + n] = segment["positions"]
+      batch["segment_ids"][r, at : at + n] = k + 1
+      at += n
+      for name, value in batch.items():
+        if name not in ("tokens", "positions", "segment_ids"):
+          value[r, k] = segment[name][0]
+  return batch
+
+
+def packed_dataset(examples, config, *, process_index=0, process_count=1, seed=0, shuffle=False, repeat=False):
+  """grain IterDataset of host-local packed batches from an in-memory sequence of examples.
+
+  Reads every example's shape up front, so it is for examples already in memory (tests,
+  small jobs); the latent cache uses `latents.packed_latents`, which reads shapes from
+  the cache's index. Without repeat, one pass in order; the last partial batch is dropped.
+  """
+  patch_size, row_tokens = tuple(config.dit.patch_size), config.train.row_tokens
+  tokens = [token_count(np.shape(_latent(examples[i])), patch_size, row_tokens) for i in range(len(examples))]
+  plans = PackPlanIterDataset(
+      tokens, rows=config.train.rows_per_batch, row_tokens=row_tokens, slots=config.train.max_segments_per_row,
+      seed=seed, shuffle=shuffle, repeat=repeat, process_index=process_index, process_count=process_count)
+  return plans.map(PackRows(lambda positions, records: [examples[r] for r in records], config))
 
 
 def packing_efficiency(batch) -> float:

@@ -6,6 +6,7 @@ packed rows), model, update step (rectified flow, gradient accumulation), hooks
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,6 @@ from flax import nnx
 from vidsim import flow
 from vidsim import latents as latents_lib
 from vidsim import mesh as mesh_lib
-from vidsim.data import packing
 from vidsim.errors import UsageError
 from vidsim.log import get_logger
 from vidsim.models import dit as dit_lib
@@ -56,16 +56,17 @@ def check_cache(config, workdir, mesh):
 
 
 def packed_batches(config, workdir, split, manifest, rows_multiple, seed):
-  """Iterator of host-local packed batches (this process's rows)."""
+  """Iterator of this process's rows of globally planned packed batches; its state is one
+  global stream position, so it resumes on any process count (vidsim/data/packing.py)."""
   tc = config.train
-  if tc.rows_per_batch % (rows_multiple * jax.process_count() * tc.grad_accum):
+  # Each micro-batch splits over the data-parallel devices; each process holds whole rows.
+  multiple = math.lcm(rows_multiple * tc.grad_accum, jax.process_count())
+  if tc.rows_per_batch % multiple:
     raise UsageError(
-        f"train.rows_per_batch={tc.rows_per_batch} must be a multiple of the data-parallel size "
-        f"({rows_multiple}) x processes ({jax.process_count()}) x train.grad_accum ({tc.grad_accum})"
+        f"train.rows_per_batch={tc.rows_per_batch} must be a multiple of {multiple}: of the data-parallel size "
+        f"({rows_multiple}) x train.grad_accum ({tc.grad_accum}), and of the process count ({jax.process_count()})"
     )
-  examples = latents_lib.latent_examples(config, workdir, split, manifest, seed=seed)
-  rows = tc.rows_per_batch // jax.process_count()
-  return iter(packing.packed_dataset(examples, config, rows=rows))
+  return iter(latents_lib.packed_latents(config, workdir, split, manifest, seed=seed))
 
 
 def train_dit(config, workdir, mesh):
