@@ -119,6 +119,19 @@ def test_packed_row_equals_each_segment_alone(config, model):
   np.testing.assert_allclose(out[0, 12:18], out[2, :6], atol=2e-5)
 
 
+def test_einsum_attention_equals_dot_product_attention(config, model):
+  """The CPU-fast einsum path computes what jax.nn.dot_product_attention does."""
+  batch = pack_rows(config, [[A, B], [sample((1, 2, 2), "", 0.5, 3)]], 24)
+  with config.unlocked():
+    config.dit.attention_impl = "einsum"
+  try:
+    einsum_model = randomize(build(config))
+  finally:
+    with config.unlocked():
+      config.dit.attention_impl = "xla"
+  np.testing.assert_allclose(forward(einsum_model, batch), forward(randomize(build(config)), batch), atol=1e-5)
+
+
 def test_masked_inputs_change_nothing(config, model):
   batch = pack_rows(config, [[A, B]], 24)
   base = forward(model, batch)

@@ -56,11 +56,11 @@ class DiTBlock(nnx.Module):
     )
     self.mlp = layers.Mlp(d.width, d.mlp_ratio, d.mlp, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x, time_mod, rope, self_mask, context, cross_mask):
+  def __call__(self, x, time_mod, rope, self_bias, context, cross_bias, cross_has_key):
     mod = time_mod + self.modulation[...].astype(time_mod.dtype)  # [R, L, 6, W]
     shift1, scale1, gate1, shift2, scale2, gate2 = jnp.unstack(mod, axis=2)
-    x = x + gate1 * self.attn(layers.modulate(layers.layer_norm(x), shift1, scale1), self_mask, rope)
-    x = x + self.cross(layers.layer_norm(x), context, cross_mask)
+    x = x + gate1 * self.attn(layers.modulate(layers.layer_norm(x), shift1, scale1), self_bias, rope)
+    x = x + self.cross(layers.layer_norm(x), context, cross_bias, cross_has_key)
     x = x + gate2 * self.mlp(layers.modulate(layers.layer_norm(x), shift2, scale2))
     return mesh_lib.constrain(x, "batch", "length", "embed")
 
@@ -131,7 +131,9 @@ class DiT(nnx.Module):
     segment_ids = segment_ids.astype(jnp.int32)
     context, key_segments, key_mask = self.encode_text(text, drop_text)
     cross_mask = (segment_ids[:, :, None] == key_segments[None, None, :]) & key_mask[:, None, :]
-    self_mask = layers.self_attention_mask(segment_ids)
+    # Masks become additive biases here, once, not inside every scanned block.
+    self_bias = layers.attention_bias(layers.self_attention_mask(segment_ids))
+    cross_bias, cross_has_key = layers.cross_attention_bias(cross_mask[:, None])
     rope = layers.rope_angles(positions, self.head_dim, self.rope_theta)
 
     x = self.patch_embed(x_t.astype(self.dtype))
@@ -139,7 +141,7 @@ class DiT(nnx.Module):
     time = self.time_embed(t)  # [R, L, W]
     time_mod = self.time_modulation(jax.nn.silu(time)).reshape(r, l, MODULATIONS, -1)
     x = layers.run_layers(
-        self.blocks, x, time_mod, rope, self_mask, context, cross_mask[:, None], remat=self.remat
+        self.blocks, x, time_mod, rope, self_bias, context, cross_bias, cross_has_key, remat=self.remat
     )
     shift, scale = jnp.unstack(self.final_modulation[...].astype(time.dtype) + time[:, :, None], axis=2)
     v = self.final(layers.modulate(layers.layer_norm(x), shift, scale))

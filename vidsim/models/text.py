@@ -53,8 +53,8 @@ class TextBlock(nnx.Module):
     self.norm2 = layers.rms_norm(width, dtype, rngs)
     self.mlp = layers.Mlp(width, TEXT_MLP_RATIO, "gelu", dtype=dtype, rngs=rngs)
 
-  def __call__(self, x, mask):
-    x = x + self.attn(self.norm1(x), mask)
+  def __call__(self, x, bias):
+    x = x + self.attn(self.norm1(x), bias)
     return x + self.mlp(self.norm2(x))
 
 
@@ -89,7 +89,7 @@ class ByteTextEncoder(nnx.Module):
     if s != self.max_length:
       raise UsageError(f"text_tokens have length {s}, config.text.max_length is {self.max_length}")
     x = self.embed(ids.reshape(r * k, s)) + self.position[...].astype(self.dtype)
-    x = layers.run_layers(self.blocks, x, layers.padding_mask(mask.reshape(r * k, s)))
+    x = layers.run_layers(self.blocks, x, layers.attention_bias(layers.padding_mask(mask.reshape(r * k, s))))
     return self.norm(x).reshape(r, k, s, self.width), mask
 
 
