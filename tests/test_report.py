@@ -17,7 +17,7 @@ def test_report_shows_every_output_curves_and_measured_summary(tmp_path):
       "".join(json.dumps({"step": s, "loss": 1.0 / s, "psnr": 15 + s}) + "\n" for s in (10, 20)))
   (tmp_path / "vae" / "recon" / "val_psnr.jsonl").write_text('{"step": 20, "val_psnr": 21.9}\n')
   (tmp_path / "dit" / "metrics.jsonl").write_text(
-      "".join(json.dumps({"step": s, "loss": 2.0 - s / 100, "loss_t00_25": 1.0}) + "\n" for s in (10, 20)))
+      "".join(json.dumps({"step": s, "loss": 2.0 - s / 100, "loss_t00_25": 1.0, "loss_tokens": 1900}) + "\n" for s in (10, 20)))
   frames = np.zeros((3, 8, 8, 3), np.uint8)
   items = []
   for task in ("t2v", "i2v <script>"):
@@ -32,4 +32,7 @@ def test_report_shows_every_output_curves_and_measured_summary(tmp_path):
   assert "src='samples/0.gif'" in page  # Relative links: the page works from disk.
   assert "21.9 dB" in page and "from 1.900 to 1.800" in page
   assert page.count("<svg") >= 4 and "loss_t00_25" in page
+  timestep_chart = page[page.index("DiT loss per timestep range"):]
+  timestep_chart = timestep_chart[:timestep_chart.index("</svg>")]
+  assert "loss_t00_25" in timestep_chart and "loss_tokens" not in timestep_chart  # A count would squash the losses.
   assert not (tmp_path / "report.html.tmp").exists()

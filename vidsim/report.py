@@ -8,6 +8,7 @@ plotting library and no network.
 import html
 import json
 import os
+import re
 
 from etils import epath
 
@@ -54,7 +55,7 @@ def write_report(config, workdir, outputs, timings, quality_notes=None):
   if val_psnr:
     parts.append(_chart("VAE validation PSNR (EMA, dB)", val_psnr, ["val_psnr"]))
   parts.append(_chart("DiT loss", dit_rows, ["loss"]))
-  t_keys = sorted({k for row in dit_rows for k in row if k.startswith("loss_t")})
+  t_keys = sorted({k for row in dit_rows for k in row if re.fullmatch(r"loss_t\d+_\d+", k)})
   parts.append(_chart("DiT loss per timestep range", dit_rows, t_keys))
   parts.append("</div>")
 
