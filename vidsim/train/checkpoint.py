@@ -11,8 +11,12 @@ Items per step (DESIGN.md, "Checkpoints"):
   metrics   the last logged metrics (JSON).
 Saves are async and commit atomically (Orbax writes to a temporary directory and
 renames it); temporary directories left by a crash are removed at start.
+
+On CPU the Orbax call itself runs on one long-lived background thread (`_Handoff`): the
+loop only pins the state's buffers and snapshots the iterator state, then steps on.
 """
 
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -20,6 +24,7 @@ from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -52,6 +57,9 @@ class Checkpointer:
         metrics=ocp.JsonCheckpointHandler(),
     )
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+    # Only where pinning keeps donated buffers alive (CPU); elsewhere the host copy Orbax
+    # makes inside save() is the part that must block anyway.
+    self._handoff = _Handoff() if async_save and not read_only and jax.default_backend() == "cpu" else None
 
   @classmethod
   def from_config(cls, directory, config):
@@ -59,17 +67,24 @@ class Checkpointer:
     return cls(directory, keep.keep_last, keep.keep_every, keep.async_save)
 
   def latest_step(self):
+    self._drain()
     return self.manager.latest_step()
 
-  def save(self, step: int, state, data_iter, config_dict: dict, metrics: dict, force=False) -> bool:
-    """Starts a save (async); returns False if Orbax decided not to save this step."""
+  def save(self, step: int, state, data_iter, config_dict: dict, metrics: dict, force=False):
+    """Starts a save of `state` and the iterator's current position. Returns as soon as
+    the next train step may overwrite (donate) `state`; the files are written meanwhile."""
     args = ocp.args.Composite(
         state=ocp.args.PyTreeSave(state),
-        data_iter=IteratorSave(data_iter),
+        data_iter=IteratorSave(_IteratorSnapshot.of(data_iter)),  # The loop moves on before the write.
         config=ocp.args.JsonSave(config_dict),
         metrics=ocp.args.JsonSave(_jsonable(metrics)),
     )
-    return self.manager.save(step, args=args, force=force)
+    pins = _pin_host_views(state) if self._handoff is not None else None
+    if pins is None:
+      self._drain()
+      self.manager.save(step, args=args, force=force)
+    else:
+      self._handoff.submit(lambda: self.manager.save(step, args=args, force=force), pins)
 
   def restore(self, step: int, abstract_state, data_iter):
     """Restores `state` onto the shardings in `abstract_state` and sets `data_iter`'s state."""
@@ -98,11 +113,90 @@ class Checkpointer:
     return self.manager.reached_preemption(step)
 
   def wait(self):
+    """Blocks until every started save is committed; raises a background save's error."""
+    self._drain()
     self.manager.wait_until_finished()
 
   def close(self):
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      if self._handoff is not None:
+        self._handoff.shutdown()
+      self.manager.close()
+
+  def _drain(self):
+    if self._handoff is not None:
+      self._handoff.drain()
+
+
+class _Handoff:
+  """Runs Orbax's save() calls, in order, on one long-lived thread.
+
+  Why not call Orbax from the loop: its save() starts ~10 threads and an event loop, and
+  each thread start waits for a free core; right after an XLA step on a small CPU host
+  that costs 15-40 ms apiece (docs/benchmarks.md, "Checkpoints"). A thread that already
+  exists takes the whole call off the loop.
+  """
+
+  def __init__(self):
+    self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-save")
+    self._pending = None
+
+  def submit(self, save, pins):
+    self.drain()  # One save in flight at a time, as Orbax itself allows; re-raises its error.
+
+    def run():
+      try:
+        save()  # Orbax holds its own host references once its synchronous part returns.
+      finally:
+        pins.clear()
+
+    self._pending = self._executor.submit(run)
+
+  def drain(self):
+    pending, self._pending = self._pending, None
+    if pending is not None:
+      pending.result()
+
+  def shutdown(self):
+    self._executor.shutdown(wait=True)
+
+
+def _pin_host_views(state):
+  """Zero-copy host views of every local shard of `state` (CPU), or None if one cannot be had.
+
+  While a view exists, XLA will not donate that buffer: the next train step writes fresh
+  buffers instead of overwriting the ones being saved, so the checkpoint holds exactly
+  this step's values (the same guarantee Orbax's own synchronous host transfer gives).
+  """
+  pins = []
+  for leaf in jax.tree.leaves(state):
+    if not isinstance(leaf, jax.Array):
+      continue  # Host values are never donated.
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.extended):
+      return None  # Typed PRNG keys have no host view.
+    for shard in leaf.addressable_shards:
+      view = np.asarray(shard.data)
+      if view.size and view.ctypes.data != shard.data.unsafe_buffer_pointer():
+        return None  # A copy would not stop the donation.
+      pins.append(view)
+  return pins
+
+
+class _IteratorSnapshot:
+  """The iterator's state at save time, in the form grain's handler writes (bytes of JSON)."""
+
+  def __init__(self, state: bytes):
+    self._state = state
+
+  @classmethod
+  def of(cls, iterator):
+    state = iterator.get_state()
+    return cls(state if isinstance(state, bytes) else json.dumps(state, indent=4).encode())
+
+  def get_state(self) -> bytes:
+    return self._state
 
 
 def open_latest(candidates, what: str, hint: str = ""):
