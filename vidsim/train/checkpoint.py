@@ -39,7 +39,7 @@ ITEMS = ("state", "data_iter", "config", "metrics")
 class Checkpointer:
   """Saves and restores one stage's checkpoints under `directory`."""
 
-  def __init__(self, directory, keep_last=3, keep_every=0, async_save=True, read_only=False):
+  def __init__(self, directory, keep_last=3, keep_every=0, async_save=True, read_only=False, background_thread=True):
     self.directory = absolute(directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep_last,
@@ -59,7 +59,8 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
     # Only where pinning keeps donated buffers alive (CPU); elsewhere the host copy Orbax
     # makes inside save() is the part that must block anyway.
-    self._handoff = _Handoff() if async_save and not read_only and jax.default_backend() == "cpu" else None
+    on_cpu = jax.default_backend() == "cpu"
+    self._handoff = _Handoff() if background_thread and async_save and not read_only and on_cpu else None
 
   @classmethod
   def from_config(cls, directory, config):
