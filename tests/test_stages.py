@@ -1,12 +1,14 @@
 """The stages chained on the tiny config: train-vae -> encode -> train, as a user runs them."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -94,6 +96,29 @@ def test_encode_survives_sigkill_without_duplicates_or_gaps(trained_vae, repo_ro
   assert not list(cache.glob("*.tmp-*"))
 
 
+class _CompileLog(logging.Handler):
+  """Collects jax's "Compiling <fn> ..." log lines while active (with jax.log_compiles)."""
+
+  def __init__(self):
+    super().__init__(logging.DEBUG)
+    self.messages = []
+
+  def emit(self, record):
+    message = record.getMessage()
+    if message.startswith("Compiling "):
+      self.messages.append(message[:120])
+
+  def count(self, function_name):
+    return sum(message.split()[1] in (function_name, f"jit({function_name})") for message in self.messages)
+
+  def __enter__(self):
+    logging.getLogger("jax").addHandler(self)
+    return self
+
+  def __exit__(self, *exc):
+    logging.getLogger("jax").removeHandler(self)
+
+
 def test_dit_trains_on_the_cache_and_refuses_another_vaes_cache(trained_vae):
   from vidsim.train.dit_loop import train_dit
 
@@ -101,8 +126,14 @@ def test_dit_trains_on_the_cache_and_refuses_another_vaes_cache(trained_vae):
   mesh = mesh_lib.make_mesh(config)
   if not (workdir / "latents" / "manifest.json").exists():
     latents_lib.encode_cache(config, workdir, mesh)
-  state = train_dit(config, workdir, mesh)
+  compiles = _CompileLog()
+  with jax.log_compiles(True), compiles:
+    state = train_dit(config, workdir, mesh)
   assert int(state["step"]) == config.train.steps
+  # Videos and images of several shapes, packed differently each step, one compiled step.
+  train_split = json.loads((workdir / "latents" / "manifest.json").read_text())["splits"]["train"]
+  assert len(train_split["latent_shapes"]) >= 3
+  assert compiles.count("train_step") == 1, compiles.messages
   rows = read_metrics(workdir / "dit" / "metrics.jsonl")
   assert rows[-1]["step"] == config.train.steps
   for key in ("loss", "loss_t00_25", "grad_norm", "tokens_per_s", "mfu", "packing_efficiency", "flops_per_step"):
