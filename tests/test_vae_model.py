@@ -282,15 +282,23 @@ def test_flops_match_a_hand_count(tiny_config):
 # ------------------------------------------------------------------ latent statistics
 
 
-def test_latent_stats_give_unit_scale():
+def test_latent_stats_give_posterior_samples_unit_scale():
   rng = np.random.default_rng(0)
-  means = rng.normal(loc=[3.0, -1.0, 0.0], scale=[2.0, 0.5, 10.0], size=(64, 3, 4, 4, 3)).astype(np.float32)
-  shift, scale = vae_lib.compute_latent_stats(means)
-  assert shift.shape == scale.shape == (3,)
-  normed = vae_lib.normalize_latents(means, shift, scale)
-  np.testing.assert_allclose(normed.reshape(-1, 3).mean(0), 0.0, atol=1e-4)
-  np.testing.assert_allclose(normed.reshape(-1, 3).std(0), 1.0, atol=1e-4)
-  np.testing.assert_allclose(vae_lib.denormalize_latents(normed, shift, scale), means, atol=1e-4)
+  shape = (64, 3, 4, 4, 3)
+  means = rng.normal(loc=[3.0, -1.0, 0.0], scale=[2.0, 0.5, 10.0], size=shape)
+  stds = np.broadcast_to([0.1, 1.0, 5.0], shape)
+  axes = tuple(range(len(shape) - 1))
+  count = int(np.prod(shape[:-1]))
+  # Streamed in two halves, as the training hook does batch by batch.
+  sums = [sum(part.sum(axes) for part in np.split(x, 2)) for x in (means, means**2, stds**2)]
+  shift, scale = vae_lib.latent_stats_from_sums(*sums, count)
+  assert shift.shape == scale.shape == (3,) and shift.dtype == np.float32
+  samples = means + stds * rng.standard_normal(shape)
+  normed = ((samples - shift) / scale).reshape(-1, 3)
+  np.testing.assert_allclose(normed.mean(0), 0.0, atol=0.05)
+  np.testing.assert_allclose(normed.std(0), 1.0, atol=0.05)
+  # The posterior spread counts: scale exceeds the std of the means alone where std is large.
+  assert scale[2] > means[..., 2].std() and scale[1] > 1.05 * means[..., 1].std()
 
 
 @pytest.mark.slow  # ~15 s: builds and runs a second model.

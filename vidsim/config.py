@@ -122,7 +122,8 @@ def base_config() -> ConfigDict:
   c.vae_train = ConfigDict()
   c.vae_train.steps = 2000  # Optimizer steps.
   c.vae_train.learning_rate = 1e-3  # Peak learning rate.
-  c.vae_train.warmup_steps = 100  # Linear warmup steps.
+  c.vae_train.warmup_steps = 100  # Linear warmup steps, then cosine decay.
+  c.vae_train.end_lr_fraction = 0.1  # Final learning rate as a fraction of the peak (1.0 = constant after warmup).
   c.vae_train.weight_decay = 0.0  # AdamW weight decay.
   c.vae_train.grad_clip = 1.0  # Global-norm gradient clipping (0 = off).
   c.vae_train.recon_loss = "l1"  # Reconstruction loss: l1 | l2.

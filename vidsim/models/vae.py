@@ -490,18 +490,12 @@ def receptive_radius(config) -> int:
 # ------------------------------------------------------------------ latent statistics
 
 
-def compute_latent_stats(means):
-  """Per-channel (shift, scale) over latent means [..., c]: mean and std over all other
-  axes, so (z - shift) / scale has zero mean and unit scale per channel."""
-  flat = np.asarray(means, dtype=np.float64).reshape(-1, np.shape(means)[-1])
-  shift = flat.mean(axis=0)
-  scale = np.maximum(flat.std(axis=0), 1e-6)
-  return shift.astype(np.float32), scale.astype(np.float32)
-
-
-def normalize_latents(z, shift, scale):
-  return (z - shift) / scale
-
-
-def denormalize_latents(z, shift, scale):
-  return z * scale + shift
+def latent_stats_from_sums(mean_sum, mean_sq_sum, variance_sum, count):
+  """Per-channel (shift, scale) of posterior samples z = mean + std * eps from running
+  sums over `count` latent positions of mean, mean^2 and exp(logvar):
+  var(z) = var(mean) + E[std^2], so (z - shift) / scale has zero mean and unit variance.
+  Sums (not arrays of latents) so callers can stream over any number of batches."""
+  mean_sum, mean_sq_sum, variance_sum = (np.asarray(x, np.float64) for x in (mean_sum, mean_sq_sum, variance_sum))
+  shift = mean_sum / count
+  variance = np.maximum(mean_sq_sum / count - shift**2, 0.0) + variance_sum / count
+  return shift.astype(np.float32), np.sqrt(np.maximum(variance, 1e-12)).astype(np.float32)

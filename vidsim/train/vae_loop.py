@@ -206,3 +206,20 @@ class TrainedVAE:
 
   def model(self):
     return nnx.merge(self.graphdef, self.params)
+
+
+def evaluate_psnr(config, workdir, mesh, split: str, batches: int = 1) -> float:
+  """PSNR (dB, pooled MSE as in the training hook) of the trained VAE's EMA weights in
+  `workdir` over the first `batches` batches of `split` of config's dataset. With
+  data.shuffle and data.random_crop off, the same clips and windows every call."""
+  vae = TrainedVAE(config, workdir, mesh)
+  model = vae.model()
+  reconstruct = jax.jit(lambda video: model.decode(model.encode(video)[0]))
+  data = iter(pipeline.pixel_dataset(config, split, batch_multiple=mesh_lib.data_parallel_size(mesh, config)))
+  squared_error, pixels = 0.0, 0
+  for _ in range(batches):
+    video = jnp.asarray(next(data)["video"])
+    recon = reconstruct(video)
+    squared_error += float(jnp.sum(((jnp.clip(recon, -1, 1) - video) / 2.0) ** 2))
+    pixels += video.size
+  return float(-10.0 * np.log10(max(squared_error / pixels, 1e-10)))
