@@ -12,8 +12,8 @@ Items per step (DESIGN.md, "Checkpoints"):
 Saves are async and commit atomically (Orbax writes to a temporary directory and
 renames it); temporary directories left by a crash are removed at start.
 
-On CPU the Orbax call itself runs on one long-lived background thread (`_Handoff`): the
-loop only pins the state's buffers and snapshots the iterator state, then steps on.
+On CPU with one process the Orbax call itself runs on one long-lived background thread
+(`_Handoff`): the loop only pins the state's buffers and snapshots the iterator state.
 """
 
 import concurrent.futures
@@ -51,16 +51,17 @@ class Checkpointer:
     )
     # Handlers named up front so a reader can ask for metadata or restore a subset.
     handlers = dict(
-        state=ocp.PyTreeCheckpointHandler(),
+        state=_state_handler(),
         data_iter=ElasticIteratorHandler(),
         config=ocp.JsonCheckpointHandler(),
         metrics=ocp.JsonCheckpointHandler(),
     )
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
-    # Only where pinning keeps donated buffers alive (CPU); elsewhere the host copy Orbax
-    # makes inside save() is the part that must block anyway.
-    on_cpu = jax.default_backend() == "cpu"
-    self._handoff = _Handoff() if background_thread and async_save and not read_only and on_cpu else None
+    # Only where pinning keeps donated buffers alive (CPU; elsewhere the host copy Orbax
+    # makes inside save() must block anyway) and with one process: with several, Orbax's
+    # barriers are device collectives, which must not race the train step's from another thread.
+    eligible = jax.default_backend() == "cpu" and jax.process_count() == 1
+    self._handoff = _Handoff() if background_thread and async_save and not read_only and eligible else None
 
   @classmethod
   def from_config(cls, directory, config):
@@ -198,6 +199,26 @@ class _IteratorSnapshot:
 
   def get_state(self) -> bytes:
     return self._state
+
+
+def _state_handler():
+  """Orbax's PyTree handler; with one process, without replica-parallel writes.
+
+  Replica-parallel splits each replicated array into one slice per device so that several
+  hosts share the writing; with one process the same process writes every slice, and the
+  slices cost a compiled slice op per shape and device at the first save (tens of seconds
+  for the VAE on 8 CPU devices)."""
+  if jax.process_count() > 1:
+    return ocp.PyTreeCheckpointHandler()
+  handlers = ocp.type_handlers
+  scalar = handlers.ScalarHandler()
+  registry = handlers.create_type_handler_registry(
+      (int, scalar), (float, scalar), (bytes, scalar), (np.number, scalar),
+      (np.ndarray, handlers.NumpyHandler()),
+      (jax.Array, handlers.ArrayHandler(use_replica_parallel=False)),
+      (str, handlers.StringHandler()),
+  )
+  return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
 
 
 def open_latest(candidates, what: str, hint: str = ""):
