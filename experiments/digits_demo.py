@@ -30,6 +30,7 @@ def get_config():
   c.dit.width = 128
   c.dit.depth = 4
   c.dit.heads = 4
+  c.dit.attention_impl = "einsum"  # The fastest attention on a CPU (docs/benchmarks.md "## DiT").
   c.text.width = 64
   c.text.depth = 1
   c.train.steps = 1000

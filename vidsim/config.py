@@ -153,7 +153,7 @@ def base_config() -> ConfigDict:
   c.dit.qk_norm = True  # RMS-normalise queries and keys.
   c.dit.rope_theta = 10000.0  # RoPE base.
   c.dit.remat = "none"  # Rematerialisation: none | full | dots (save matmul outputs).
-  c.dit.attention_impl = "xla"  # jax.nn.dot_product_attention implementation: xla | cudnn | auto (jax picks).
+  c.dit.attention_impl = "xla"  # Attention: xla | cudnn | auto (jax.nn.dot_product_attention) | einsum (two einsums; fastest on CPU).
   c.dit.dtype = "float32"  # Compute dtype: float32 | bfloat16 (params stay float32).
 
   # ---------------------------------------------------------------- text conditioning
