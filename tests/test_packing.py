@@ -246,6 +246,32 @@ def test_plan_covers_each_epoch_once_in_stream_order(tiny_config):
   assert epochs[0] != epochs[1]  # Each epoch has its own order.
 
 
+@pytest.mark.parametrize("rows, slots", [(1, 8), (8, 3), (37, 8)])
+def test_plan_is_first_fit_over_the_batch_rows(rows, slots):
+  """The planner's fast row search places every example where a plain scan of the rows would."""
+  tokens = np.random.default_rng(rows).integers(1, 65, size=500)
+  order = packing.EpochOrder(len(tokens), seed=1, shuffle=True)
+  position = 0
+  for _ in range(10):
+    members, next_position = packing.plan_batch(order, tokens, position, rows=rows, row_tokens=64, slots=slots)
+    expected = [[] for _ in range(rows)]
+    used = [0] * rows
+    for p in range(position, next_position + 1):
+      fits = [r for r in range(rows) if used[r] + tokens[order[p]] <= 64 and len(expected[r]) < slots]
+      if not fits:
+        break
+      used[fits[0]] += tokens[order[p]]
+      expected[fits[0]].append(p)
+    assert p == next_position and members == expected
+    position = next_position
+
+
+def test_a_state_of_the_old_per_process_packer_is_refused_clearly(tiny_config):
+  iterator = iter(packing.packed_dataset(make_examples(100), tiny_config))
+  with pytest.raises(UsageError, match="older vidsim"):
+    iterator.set_state({"parent": {"next_index": 3}, "packer": {}})
+
+
 # ------------------------------------------------------------------ from the latent cache
 
 

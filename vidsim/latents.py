@@ -283,7 +283,11 @@ def packed_latents(config, workdir, split, manifest, *, seed, process_index=None
   Every process plans the same global batches from the shape index and reads only the
   latents of its own rows. Latent = (mean + std * eps - shift) / scale, with eps a pure
   function of (seed, stream position): each epoch draws fresh noise, a resume the same.
+  `data.prefetch` batches are prepared ahead by a thread (grain's, which checkpoints the
+  position of the last batch handed out, not of the last one prepared).
   """
+  import grain
+
   from vidsim.data import packing
 
   process_index = jax.process_index() if process_index is None else process_index
@@ -295,8 +299,10 @@ def packed_latents(config, workdir, split, manifest, *, seed, process_index=None
   plans = packing.PackPlanIterDataset(
       tokens, rows=config.train.rows_per_batch, row_tokens=row_tokens, slots=config.train.max_segments_per_row,
       seed=seed, shuffle=config.data.shuffle, repeat=True, process_index=process_index, process_count=process_count)
-  reader = _LatentReader(workdir, split, manifest, seed)
-  return plans.map(packing.PackRows(reader, config))
+  batches = plans.map(packing.PackRows(_LatentReader(workdir, split, manifest, seed), config))
+  if config.data.prefetch > 0:  # A thread plans and reads the next batches during the step.
+    batches = grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=config.data.prefetch)
+  return batches
 
 
 class _LatentReader:
