@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from vidsim import flow
 from vidsim import latents as latents_lib
@@ -90,13 +91,14 @@ def train_dit(config, workdir, mesh):
       arrays = {k: host_batch[k] for k in BATCH_KEYS if k in host_batch}
       return mesh_lib.make_global_batch(arrays, mesh, config)
 
+    # Each process holds different rows (other segment lengths, other padding), so
+    # the global step's FLOPs and tokens are sums over processes, not local x count.
     def batch_flops(host_batch):
-      return flops_for_batch(config, host_batch) * jax.process_count()
+      return float(_sum_over_processes(flops_for_batch(config, host_batch)))
 
     def batch_units(host_batch):
-      real = int(np.sum(host_batch["segment_ids"] > 0))
-      slots = host_batch["segment_ids"].size
-      return {"tokens": real * jax.process_count(), "token_slots": slots * jax.process_count()}
+      real, slots = _sum_over_processes([np.sum(host_batch["segment_ids"] > 0), host_batch["segment_ids"].size])
+      return {"tokens": int(real), "token_slots": int(slots)}
 
     def packing_efficiency(units):
       return {"packing_efficiency": units["tokens"] / max(units["token_slots"], 1)}
@@ -109,6 +111,14 @@ def train_dit(config, workdir, mesh):
         summarize_units=packing_efficiency, every=sample_hooks(config, workdir, mesh, graphdef),
     )
     return loop.run(spec, config, workdir, mesh)
+
+
+def _sum_over_processes(local):
+  """A host value (scalar or 1-D) summed over all processes (a tiny host all-gather)."""
+  local = np.asarray(local, np.float64)
+  if jax.process_count() == 1:
+    return local
+  return np.asarray(multihost_utils.process_allgather(local)).sum(axis=0)
 
 
 def init_dit_state(config, optimizer):
