@@ -85,7 +85,8 @@ def camera_clip(photo: np.ndarray, start, end, sides) -> np.ndarray:
 
 
 def write_clips(out_dir: str) -> None:
-  from sklearn.datasets import load_sample_images  # Only for writing clips, not for get_config.
+  # Imported here: loading the config should not pay for scikit-learn.
+  from sklearn.datasets import load_sample_images
 
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)

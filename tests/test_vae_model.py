@@ -235,7 +235,7 @@ def test_a_few_adam_steps_lower_the_loss(model_and_config):
   @nnx.jit
   def step(model, optimizer, rng):
     grad_fn = nnx.value_and_grad(lambda m: vae_lib.vae_loss(m, video, rng, c), has_aux=True)
-    (loss, metrics), grads = grad_fn(model)
+    (_, metrics), grads = grad_fn(model)
     optimizer.update(model, grads)
     return metrics
 

@@ -120,7 +120,7 @@ def _recording_layers():
 def _record(kind, flops=0.0, radius=0, width=0):
   log = _LAYER_LOG.get()
   if log is not None:
-    log.append(dict(kind=kind, flops=float(flops), radius=radius, width=width))
+    log.append({"kind": kind, "flops": float(flops), "radius": radius, "width": width})
 
 
 # ------------------------------------------------------------------ causal state
@@ -481,7 +481,7 @@ def receptive_radius(config) -> int:
   reach = []
   for run, inp in ((lambda m, x: m.encode(x), video), (lambda m, x: m.decode(x), latents)):
     with _recording_layers() as log:
-      jax.eval_shape(lambda s, x: run(nnx.merge(graphdef, s), x), state, inp)
+      jax.eval_shape(lambda s, x, run=run: run(nnx.merge(graphdef, s), x), state, inp)
     # A layer reading an input of width w reaches radius * (size / w) pixels.
     reach.append(sum(layer["radius"] * size / layer["width"] for layer in log if layer["radius"]))
   return int(math.ceil(max(reach) / cs) * cs)
