@@ -143,7 +143,7 @@ class _Handoff:
 
   def __init__(self):
     self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-save")
-    self._pending = None
+    self._pending = self._executor.submit(lambda: None)  # Starts the thread now, not at the first save.
 
   def submit(self, save, pins):
     self.drain()  # One save in flight at a time, as Orbax itself allows; re-raises its error.
