@@ -218,9 +218,12 @@ def test_sigkill_at_any_moment_then_resume_is_bit_exact(trained_vae, repo_root, 
   killed = tmp_path / "killed"
   proc = subprocess.Popen(cmd(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   metrics = killed / "vae" / "metrics.jsonl"
+  checkpoints = killed / "vae" / "checkpoints"
+  committed = lambda: checkpoints.exists() and any(p.name.isdigit() for p in checkpoints.iterdir())
   deadline = time.time() + 300
   while time.time() < deadline and proc.poll() is None:
-    if metrics.exists() and len(read_metrics(metrics)) >= 5:
+    # Saves are async: wait for one to commit, so the resume has something to resume from.
+    if metrics.exists() and len(read_metrics(metrics)) >= 5 and committed():
       proc.send_signal(signal.SIGKILL)
       break
     time.sleep(0.01)
