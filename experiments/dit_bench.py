@@ -5,7 +5,8 @@ Command:
   (one row per step: --config.train.rows_per_batch=1)
 Expected runtime: about a minute on a quiet 2-core CPU (compile + 2 warmup + 5 timed steps).
 Expected result: step time, tokens/s and MFU against the in-process 2048^3 fp32
-matmul rate; the figures and what limits them are in docs/benchmarks.md ("## DiT").
+matmul rate; measured on a quiet 2-core CPU: 2.52 s/step, 813 tokens/s, MFU 0.41.
+The other variants and what limits them are in docs/benchmarks.md ("## DiT").
 """
 
 from vidsim.config import base_config
@@ -15,9 +16,11 @@ def get_config():
   c = base_config()
   c.dit.width = 512
   c.dit.depth = 8
-  c.dit.heads = 8
-  c.dit.remat = "none"
-  c.dit.attention_impl = "einsum"  # 1.8x faster than jax.nn.dot_product_attention's XLA path here.
+  # The fastest measured on a 2-core CPU (docs/benchmarks.md "## DiT" has the others):
+  c.dit.heads = 4  # Head dim 128: half the softmax passes of 8 heads of 64.
+  c.dit.mlp = "swiglu"  # XLA:CPU fuses GELU's backward with a transpose into a slow loop.
+  c.dit.remat = "dots"  # Recomputing attention is cheaper than storing [layers, R, H, L, L] probabilities.
+  c.dit.attention_impl = "einsum"  # Faster than jax.nn.dot_product_attention's XLA path here.
   c.train.row_tokens = 1024
   c.train.rows_per_batch = 2
   c.train.max_segments_per_row = 4  # Text slots per row: 4 x 64 bytes.

@@ -153,8 +153,9 @@ def einsum_attention(q, k, v, bias):
   """Softmax attention as two einsums, logits and softmax in fp32.
 
   Why not jax.nn.dot_product_attention(implementation="xla"): on XLA:CPU (jax 0.10.2)
-  its forward + backward takes 1.8x as long for the same math at [2, 1024, 8, 64]
-  (283 vs 151 ms; docs/benchmarks.md "## DiT"), and there is no fused CPU kernel.
+  the same math runs slower through it (attention alone, forward + backward at
+  [2, 1024, 8, 64]: 1.8x; a whole DiT bench train step: 5.04 s vs 4.32 s, see
+  docs/benchmarks.md "## DiT"), and there is no fused CPU kernel.
   On GPU/TPU pick cudnn or xla/auto instead.
   """
   logits = jnp.einsum("rthd,rshd->rhts", q, k, preferred_element_type=jnp.float32)
