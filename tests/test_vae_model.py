@@ -178,7 +178,7 @@ def test_params_carry_logical_partition_names(model_and_config):
   flat = nnx.to_flat_state(specs)
   assert len(flat) > 20
   for path, leaf in flat:
-    spec, name = leaf.value, path[-1]
+    spec, name = leaf.get_value(), path[-1]  # A PartitionSpec, not an array.
     assert isinstance(spec, P), (path, spec)
     if name == "kernel":
       assert spec[:4] == (None, None, None, "conv_in"), path
