@@ -4,7 +4,9 @@ Command:
   make demo                      # = vidsim demo --config experiments/digits_demo.py --workdir runs/demo
 Expected runtime: measured 15.6 minutes on a 2-core CPU (data 0 s when cached, else
 ~5 s; VAE 600 steps 6.1 min; latent cache 27 s; DiT 1000 steps 8.8 min; ten sampling
-tasks 13 s; report < 1 s).
+tasks 13 s; report < 1 s). Session 2 (einsum attention, global packing plan): 19.1
+minutes with the test suite running beside it for 12 of them (VAE 611 s, cache 44 s,
+DiT 483 s, sampling 11 s).
 Expected result: runs/demo/report.html with every task's output. Measured: VAE
 validation PSNR 21.9 dB (EMA); DiT flow loss 1.96 -> ~1.0, packing efficiency 0.95;
 the samples are coloured blobs that move and spread, NOT recognisable digits.
