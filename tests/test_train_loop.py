@@ -77,8 +77,8 @@ def _spec(config, mesh, nan_at=(), seen=None):
       name="toy", steps=model_cfg.steps, log_every=model_cfg.log_every,
       checkpoint_every=model_cfg.checkpoint_every, max_nonfinite_steps=model_cfg.max_nonfinite_steps,
       init_state=init_state, state_shardings=state_shardings, train_step=train_step,
-      data_iter=data_iter, to_global=to_global, batch_flops=lambda b: 6.0 * 4 * len(b["x"]),
-      batch_units=lambda b: {"examples": len(b["x"])},
+      data_iter=data_iter, to_global=to_global,
+      batch_cost=lambda b: (6.0 * 4 * len(b["x"]), {"examples": len(b["x"])}),
   )
 
 

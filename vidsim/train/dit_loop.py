@@ -91,14 +91,13 @@ def train_dit(config, workdir, mesh):
       arrays = {k: host_batch[k] for k in BATCH_KEYS if k in host_batch}
       return mesh_lib.make_global_batch(arrays, mesh, config)
 
-    # Each process holds different rows (other segment lengths, other padding), so
-    # the global step's FLOPs and tokens are sums over processes, not local x count.
-    def batch_flops(host_batch):
-      return float(_sum_over_processes(flops_for_batch(config, host_batch)))
-
-    def batch_units(host_batch):
-      real, slots = _sum_over_processes([np.sum(host_batch["segment_ids"] > 0), host_batch["segment_ids"].size])
-      return {"tokens": int(real), "token_slots": int(slots)}
+    def batch_cost(host_batch):
+      # Each process holds different rows (other segment lengths, other padding), so the
+      # global step's FLOPs and tokens are sums over processes (one gather), not local x count.
+      segment_ids = host_batch["segment_ids"]
+      flops, real, slots = _sum_over_processes(
+          [flops_for_batch(config, host_batch), np.sum(segment_ids > 0), segment_ids.size])
+      return float(flops), {"tokens": int(real), "token_slots": int(slots)}
 
     def packing_efficiency(units):
       return {"packing_efficiency": units["tokens"] / max(units["token_slots"], 1)}
@@ -107,7 +106,7 @@ def train_dit(config, workdir, mesh):
         name=STAGE, steps=tc.steps, log_every=tc.log_every, checkpoint_every=tc.checkpoint_every,
         max_nonfinite_steps=tc.max_nonfinite_steps, init_state=init_state,
         state_shardings=state_shardings, train_step=train_step, data_iter=train_data,
-        to_global=to_global, batch_flops=batch_flops, batch_units=batch_units,
+        to_global=to_global, batch_cost=batch_cost,
         summarize_units=packing_efficiency, every=sample_hooks(config, workdir, mesh, graphdef),
     )
     return loop.run(spec, config, workdir, mesh)

@@ -45,11 +45,10 @@ class StageSpec:
   train_step: Callable  # (state, global_batch) -> (state, metrics); jitted here.
   data_iter: Any  # grain DatasetIterator of host-local batches (checkpointed).
   to_global: Callable  # host-local batch -> dict of global jax.Arrays for the step.
-  batch_flops: Callable  # host-local batch -> model FLOPs of the global step.
-  batch_units: Callable  # host-local batch -> dict of counts per step (e.g. clips, tokens).
+  batch_cost: Callable  # host-local batch -> (model FLOPs of the global step, dict of its counts, e.g. clips).
   every: list = dataclasses.field(default_factory=list)  # [(k, fn(state, step))] periodic hooks.
   before_final_save: Optional[Callable] = None  # state -> state at the last step (e.g. latent stats).
-  summarize_units: Optional[Callable] = None  # summed batch_units since the last log -> extra metrics.
+  summarize_units: Optional[Callable] = None  # summed counts since the last log -> extra metrics.
 
 
 class _Preemption:
@@ -121,7 +120,7 @@ def run(spec: StageSpec, config, workdir, mesh):
         step += 1
         in_a_row = int(mesh_lib.to_host(state["nonfinite_in_a_row"]))
         elapsed = timer.lap()
-        window.add(elapsed, spec.batch_flops(host_batch), spec.batch_units(host_batch))
+        window.add(elapsed, *spec.batch_cost(host_batch))
         bar.update(1)
 
         if in_a_row >= spec.max_nonfinite_steps:

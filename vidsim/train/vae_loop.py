@@ -58,13 +58,12 @@ def train_vae(config, workdir, mesh):
     def to_global(host_batch):
       return mesh_lib.make_global_batch({"video": host_batch["video"]}, mesh, config)
 
-    def batch_flops(host_batch):
+    def batch_cost(host_batch):
+      # Every process holds a batch of the same bucket and size (pipeline.py's global plan).
       clips, frames, height, width, _ = host_batch["video"].shape
-      return vae_lib.vae_flops(config, frames, height, width, train=True) * clips * jax.process_count()
-
-    def batch_units(host_batch):
-      clips, frames = host_batch["video"].shape[:2]
-      return {"clips": clips * jax.process_count(), "frames": clips * frames * jax.process_count()}
+      clips *= jax.process_count()
+      flops = vae_lib.vae_flops(config, frames, height, width, train=True) * clips
+      return flops, {"clips": clips, "frames": clips * frames}
 
     # ------------------------------------------------------------ hooks
     stage_dir = epath.Path(workdir) / STAGE
@@ -94,7 +93,7 @@ def train_vae(config, workdir, mesh):
         name=STAGE, steps=tc.steps, log_every=tc.log_every, checkpoint_every=tc.checkpoint_every,
         max_nonfinite_steps=config.train.max_nonfinite_steps, init_state=init_state,
         state_shardings=state_shardings, train_step=train_step, data_iter=train_data,
-        to_global=to_global, batch_flops=batch_flops, batch_units=batch_units,
+        to_global=to_global, batch_cost=batch_cost,
         every=[(tc.recon_every, write_reconstruction)], before_final_save=set_latent_stats,
     )
     state = loop.run(spec, config, workdir, mesh)
@@ -130,8 +129,16 @@ def make_train_step(config, graphdef, optimizer):
 
 
 def psnr(video, recon):
-  """PSNR in dB of [-1, 1] videos measured on the [0, 1] scale."""
-  mse = jnp.mean(((jnp.clip(recon, -1, 1) - video) / 2.0) ** 2)
+  """PSNR in dB of [-1, 1] videos measured on the [0, 1] scale (MSE pooled over the batch)."""
+  return psnr_of_mse(mse_01(video, recon))
+
+
+def mse_01(video, recon):
+  """Mean squared error of [-1, 1] videos on the [0, 1] scale."""
+  return jnp.mean(((jnp.clip(recon, -1, 1) - video) / 2.0) ** 2)
+
+
+def psnr_of_mse(mse):
   return -10.0 * jnp.log10(jnp.maximum(mse, 1e-10))
 
 
@@ -219,7 +226,6 @@ def evaluate_psnr(config, workdir, mesh, split: str, batches: int = 1) -> float:
   squared_error, pixels = 0.0, 0
   for _ in range(batches):
     video = jnp.asarray(next(data)["video"])
-    recon = reconstruct(video)
-    squared_error += float(jnp.sum(((jnp.clip(recon, -1, 1) - video) / 2.0) ** 2))
+    squared_error += float(mse_01(video, reconstruct(video))) * video.size
     pixels += video.size
-  return float(-10.0 * np.log10(max(squared_error / pixels, 1e-10)))
+  return float(psnr_of_mse(squared_error / pixels))
