@@ -20,6 +20,7 @@ reading the latents (`packed_latents`).
 """
 
 import collections
+import functools
 import json
 import os
 
@@ -77,14 +78,14 @@ def encode_cache(config, workdir, mesh):
     for k in progress(todo, desc=f"encode {split}", unit="shard"):
       indices = range(k * per_shard, min((k + 1) * per_shard, total))
       records = encoder.encode_examples(source, indices)
-      _write_shard_atomically(root / shard_name(split, k, count), records)
+      _write_atomically(root / shard_name(split, k, count), functools.partial(_write_records, records=records))
 
   # Everyone's shards exist before process 0 lists them.
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("vidsim_encode_done")
   if is_chief():
     manifest = _build_manifest(root, config, vae)
-    (root / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    _write_atomically(root / "manifest.json", lambda tmp: tmp.write_text(json.dumps(manifest, indent=2) + "\n"))
     log.info("latent cache: %s", ", ".join(f"{s}: {m['num_examples']} examples in {len(m['shards'])} shards"
                                            for s, m in manifest["splits"].items()))
   return root
@@ -155,14 +156,24 @@ def _encode(graphdef, params, video, config):
   return model.encode(video)
 
 
-def _write_shard_atomically(path: epath.Path, records):
-  """Writes to <path>.tmp-<pid>, then renames: a shard either exists whole or not at all."""
+def _write_atomically(path: epath.Path, write):
+  """`write(tmp)` fills <path>.tmp-<pid>, which is then renamed to `path`: a file of the
+  cache either exists whole or not at all (leftover temporaries are removed at start)."""
   tmp = path.parent / f"{path.name}.tmp-{os.getpid()}"
-  writer = ArrayRecordWriter(str(tmp), "group_size:1")
+  write(tmp)
+  os.replace(tmp, path)
+
+
+def _write_records(path, records):
+  writer = ArrayRecordWriter(str(path), "group_size:1")
   for record in records:
     writer.write(record)
   writer.close()
-  os.replace(tmp, path)
+
+
+def _write_npy(path, array):
+  with path.open("wb") as f:  # A file object: np.save would append ".npy" to the temporary name.
+    np.save(f, array)
 
 
 def _check_or_claim_fingerprint(root, vae):
@@ -203,7 +214,8 @@ def _build_manifest(root, config, vae):
       shards.append({"file": f.name, "examples": n})
     counts = collections.Counter(ids)
     index_name = f"{split}-shape-ids.npy"
-    _write_npy_atomically(root / index_name, np.asarray(ids, np.uint16 if len(table) < 2**16 else np.int32))
+    ids = np.asarray(ids, np.uint16 if len(table) < 2**16 else np.int32)
+    _write_atomically(root / index_name, functools.partial(_write_npy, array=ids))
     splits[split] = {
         "num_examples": len(ids),
         "shards": shards,
@@ -220,13 +232,6 @@ def _build_manifest(root, config, vae):
       "text_max_length": config.text.max_length,
       "splits": splits,
   }
-
-
-def _write_npy_atomically(path: epath.Path, array):
-  tmp = path.parent / f"{path.name}.tmp-{os.getpid()}"
-  with tmp.open("wb") as f:
-    np.save(f, array)
-  tmp.rename(path)
 
 
 # ------------------------------------------------------------------ reading
