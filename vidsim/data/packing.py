@@ -194,17 +194,18 @@ class EpochOrder:
 
   def __init__(self, num_records: int, seed: int, shuffle: bool):
     self._num_records, self._seed, self._shuffle = int(num_records), int(seed), bool(shuffle)
-    self._epoch, self._records = None, None
+    # The last two epochs: a batch across an epoch boundary looks up both, row by row,
+    # and must not rebuild a permutation at every switch.
+    self._epochs = {}
 
   def __getitem__(self, position: int) -> int:
     epoch, index = divmod(int(position), self._num_records)
-    if epoch != self._epoch:
-      self._epoch = epoch
-      if self._shuffle:
-        self._records = np.random.default_rng([self._seed, epoch]).permutation(self._num_records)
-      else:
-        self._records = np.arange(self._num_records)
-    return int(self._records[index])
+    if epoch not in self._epochs:
+      if len(self._epochs) == 2:
+        del self._epochs[min(self._epochs)]
+      self._epochs[epoch] = (np.random.default_rng([self._seed, epoch]).permutation(self._num_records)
+                             if self._shuffle else np.arange(self._num_records))
+    return int(self._epochs[epoch][index])
 
 
 class PackPlanIterDataset(grain.IterDataset):
