@@ -111,9 +111,9 @@ def synthetic_packed_batch(config, rows=None, segments_per_row=2, seed=0):
   return batch
 
 
-def _stage_setup(config, mesh, stage):
-  """A stage's real train state (on the mesh) and its jitted train step, as the trainer
-  builds them: `stage` is vidsim.train.dit_loop or vidsim.train.vae_loop."""
+def _stage_parts(config, mesh, stage):
+  """(graphdef, optimizer, init_state, state shardings) of a stage, as the trainer builds
+  them: `stage` is vidsim.train.dit_loop or vidsim.train.vae_loop."""
   from vidsim.train import dit_loop, loop
 
   is_dit = stage is dit_loop
@@ -123,6 +123,12 @@ def _stage_setup(config, mesh, stage):
   optimizer = optim.make_optimizer(section)
   init_state = functools.partial(init, config, optimizer)
   shardings = loop.state_shardings(jax.eval_shape(init_state), abstract_params, param_shardings, mesh)
+  return graphdef, optimizer, init_state, shardings
+
+
+def _stage_setup(config, mesh, stage):
+  """A stage's real train state (on the mesh) and its jitted train step."""
+  graphdef, optimizer, init_state, shardings = _stage_parts(config, mesh, stage)
   state = jax.jit(init_state, out_shardings=shardings)()
   step = jax.jit(stage.make_train_step(config, graphdef, optimizer), out_shardings=(shardings, None), donate_argnums=0)
   return graphdef, state, step, shardings
@@ -275,7 +281,7 @@ def _timed_restore(directory, saved_step, abstract, expected, label, config, dev
 
   mesh = mesh_lib.make_mesh(config, devices)
   with mesh_lib.activate(mesh, config):
-    shardings = _dit_state_shardings(config, mesh, dit_loop)
+    _, _, _, shardings = _stage_parts(config, mesh, dit_loop)
     reader = ckpt_lib.Checkpointer(directory, read_only=True)
     start = time.perf_counter()
     restored = reader.restore(saved_step, ckpt_lib.abstract_like(abstract, shardings), _StaticIterator())
@@ -285,12 +291,6 @@ def _timed_restore(directory, saved_step, abstract, expected, label, config, dev
   exact = all(jax.tree.leaves(jax.tree.map(lambda r, e: bool(np.array_equal(np.asarray(r), e)), restored, expected)))
   return {"layout": label, "mesh": mesh_lib.describe(mesh), "devices": len(devices), "seconds": seconds,
           "bit_exact": exact}
-
-
-def _dit_state_shardings(config, mesh, dit_loop):
-  _, abstract_params, param_shardings = dit_loop.abstract_dit(config, mesh)
-  init = functools.partial(dit_loop.init_dit_state, config, optim.make_optimizer(config.train))
-  return dit_loop.loop.state_shardings(jax.eval_shape(init), abstract_params, param_shardings, mesh)
 
 
 def _layout_config(config, data=1, fsdp=1, tensor=1):
