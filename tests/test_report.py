@@ -1,5 +1,6 @@
 """W/report.html: every task card with its prompt and media, curves, metrics, measured summary."""
 
+import html
 import json
 
 import numpy as np
@@ -36,3 +37,17 @@ def test_report_shows_every_output_curves_and_measured_summary(tmp_path):
   timestep_chart = timestep_chart[:timestep_chart.index("</svg>")]
   assert "loss_t00_25" in timestep_chart and "loss_tokens" not in timestep_chart  # A count would squash the losses.
   assert not (tmp_path / "report.html.tmp").exists()
+
+
+def test_report_prefers_the_whole_split_psnr_and_shows_scores(tmp_path):
+  config = config_lib.base_config()
+  (tmp_path / "vae" / "recon").mkdir(parents=True)
+  (tmp_path / "vae" / "recon" / "val_psnr.jsonl").write_text('{"step": 20, "val_psnr": 21.9}\n')
+  (tmp_path / "eval").mkdir()
+  (tmp_path / "eval" / "vae_psnr_validation.json").write_text(
+      json.dumps({"split": "validation", "step": 20, "clips": 200, "psnr_db": 20.25, "per_bucket": {}}))
+  note = "Scored automatically: 3/20 show the prompt's digit"
+  page = report.write_report(config, tmp_path, [], {}, [note]).read_text()
+  assert "200 clips of the validation split at 20.2 dB" in page and "21.9 dB" not in page
+  assert html.escape(note) in page and "No samples were scored" not in page
+  assert "No samples were scored" in report.write_report(config, tmp_path, [], {}).read_text()

@@ -225,10 +225,41 @@ def test_training_samples_write_gifs_for_each_prompt(tmp_path, workdir, engine):
   config = config_lib.load_config(os.path.join(ROOT, "experiments", "digits_tiny.py"), [
       "--config.sample.frames=9", "--config.sample.steps=2", "--config.sample.guidance=3.0"])
   sample.training_samples(config, str(workdir), engine.mesh, engine.dit_graphdef, {"ema": engine.dit_params}, 40)
-  names = sorted(os.listdir(workdir / "dit" / "samples"))
+  names = sorted(n for n in os.listdir(workdir / "dit" / "samples") if n.startswith("step_000040"))
   assert names == ["step_000040.sheet.png", "step_000040_0.gif", "step_000040_1.gif"]
   frames, _ = video_io.read_video(workdir / "dit" / "samples" / "step_000040_0.gif")
   assert frames.shape == (config.sample.frames, config.sample.height, config.sample.width, 3)
+
+
+def test_training_samples_score_probe_prompts(workdir, engine):
+  import json
+
+  config = config_lib.load_config(os.path.join(ROOT, "experiments", "digits_tiny.py"), [
+      "--config.sample.frames=9", "--config.sample.steps=2", "--config.sample.guidance=3.0",
+      "--config.train.score_samples=4"])
+  sample.training_samples(config, str(workdir), engine.mesh, engine.dit_graphdef, {"ema": engine.dit_params}, 41)
+  lines = (workdir / "dit" / "samples" / "scores.jsonl").read_text().splitlines()
+  row = json.loads(lines[-1])
+  assert row["step"] == 41 and row["clips"] == 4
+  assert all(0.0 <= row[k] <= 1.0 for k in ("digit", "color", "direction"))
+
+
+def test_demo_probe_scores_writes_sheet_and_resumes(workdir):
+  import json
+
+  config = config_lib.load_config(os.path.join(ROOT, "experiments", "digits_tiny.py"), [
+      "--config.sample.frames=9", "--config.sample.steps=2", "--config.sample.guidance=3.0"])
+  mesh = mesh_lib.make_mesh(config)
+  item, notes = sample.demo_probe(config, str(workdir), mesh, count=3)
+  saved = json.loads((workdir / "eval" / "probe_scores.json").read_text())
+  assert saved["samples"]["clips"] == 3 and len(saved["rows"]) == 3
+  assert saved["true_clips"]["digit"] > 0.5  # The scorer reads true 16x16 clips of digit_size 8.
+  assert os.path.exists(item["output"]) and "3 one-digit probe prompts" in notes[0]
+  stamp = os.path.getmtime(item["output"])
+  assert sample.demo_probe(config, str(workdir), mesh, count=3) == (item, notes)  # Resume: read, not made again.
+  assert os.path.getmtime(item["output"]) == stamp
+  images = config_lib.load_config(os.path.join(ROOT, "experiments", "digits_tiny.py"), ["--config.sample.frames=1"])
+  assert sample.demo_probe(images, str(workdir), mesh) == (None, [])
 
 
 @pytest.mark.slow  # Nine tasks with their own shapes: ~1 min of compiling on a 2-core CPU.

@@ -197,6 +197,7 @@ def base_config() -> ConfigDict:
   c.train.checkpoint_every = 200  # Steps between checkpoints.
   c.train.sample_every = 500  # Steps between sample videos (0 = off).
   c.train.sample_prompts = ("a red 3 moves right", "a blue 7 falls")  # Prompts for periodic samples.
+  c.train.score_samples = 0  # moving_digits: also generate this many probe prompts and score them (0 = off).
   c.train.max_nonfinite_steps = 5  # Stop after this many consecutive non-finite steps.
 
   # ---------------------------------------------------------------- checkpoints

@@ -1,7 +1,7 @@
 """`vidsim demo [--config F] [--workdir W]`: every stage, end to end, on the embedded world.
 
 prepare data -> train the VAE -> build the latent cache -> train the DiT -> sample
-every task -> W/report.html. Each stage resumes: re-running skips finished work
+every task -> score probe samples against their prompts -> W/report.html. Each stage resumes: re-running skips finished work
 (checkpoints at their last step, committed cache shards, existing sample files).
 """
 
@@ -49,7 +49,14 @@ def run_demo(args, config):
   stage("train", lambda: train_dit(config, workdir, mesh))
   from vidsim import report, sample
 
-  outputs = []
+  outputs, notes = [], []
+
+  def score():
+    item, lines = sample.demo_probe(config, workdir, mesh)
+    outputs.extend([item] if item else [])
+    notes.extend(lines)
+
   stage("sample", lambda: outputs.extend(sample.demo_samples(config, workdir, mesh)))
-  stage("report", lambda: report.write_report(config, workdir, outputs, timings))
+  stage("score", score)
+  stage("report", lambda: report.write_report(config, workdir, outputs, timings, notes))
   log.info("demo: done in %.0f s; open %s", sum(timings.values()), workdir / "report.html")

@@ -134,3 +134,41 @@ def score(videos, prompts, digit_size: int) -> dict:
   fraction = lambda key: float(np.mean([r[key] for r in rows])) if rows else float("nan")
   return dict(clips=len(rows), digit=fraction("digit_ok"), color=fraction("color_ok"),
               direction=fraction("direction_ok"), rows=rows)
+
+
+PROBE_DIRECTIONS = ("moves right", "moves left", "falls", "rises")
+
+
+def probe_prompts(count: int, colors) -> list:
+  """`count` one-digit prompts covering digits, directions and colours in turn
+  (digit i % 10, direction (i // 10) % 4, colour i % len(colors)): the fixed set the
+  training hook and the demo score."""
+  colors = list(colors)
+  prompts = []
+  for i in range(count):
+    color = colors[i % len(colors)]
+    article = "an" if color[0] in "aeiou" else "a"
+    prompts.append(f"{article} {color} {i % 10} {PROBE_DIRECTIONS[(i // 10) % len(PROBE_DIRECTIONS)]}")
+  return prompts
+
+
+def summary(result: dict) -> str:
+  """One line: how many clips show the prompt's digit, colour and direction."""
+  n = result["clips"]
+  count = lambda key: int(round(result[key] * n))
+  return (f"{count('digit')}/{n} show the prompt's digit, {count('color')}/{n} its colour, "
+          f"{count('direction')}/{n} its direction")
+
+
+def reference(frames: int, height: int, width: int, md, count: int = 100) -> dict:
+  """The scorer on `count` rendered one-digit validation scenes of this size, whose
+  captions are true: the ceiling a sample's agreement is read against. md: the
+  config's moving_digits section."""
+  videos, captions = [], []
+  for i in range(count):
+    video, caption, _ = moving_digits.render_scene(
+        np.random.default_rng(10_000 + i), split="validation", frames=frames, height=height, width=width,
+        digit_size=md.digit_size, max_digits=1, speed=tuple(md.speed), colors=tuple(md.colors))
+    videos.append(video)
+    captions.append(caption)
+  return score(videos, captions, md.digit_size)

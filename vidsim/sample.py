@@ -19,6 +19,7 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from vidsim import digit_score
 from vidsim import flow
 from vidsim import mesh as mesh_lib
 from vidsim import patches
@@ -535,12 +536,30 @@ def training_samples(config, workdir, mesh, graphdef, state, step):
     # A bad sample setting must not end hours of training: say so loudly and train on.
     log.error("step %d: no training samples: %s", step, e)
     return
+  out_dir = epath.Path(workdir) / "dit" / "samples"
   if is_chief():
-    out_dir = epath.Path(workdir) / "dit" / "samples"
     out_dir.mkdir(parents=True, exist_ok=True)
     extension = ".png" if s.frames == 1 else ".gif"
     paths = write_outputs(str(out_dir / f"step_{step:06d}{extension}"), generation, s.fps)
     log.info("step %d: samples %s", step, ", ".join(os.path.basename(p) for p in paths))
+  if config.train.score_samples and s.frames > 1 and config.data.builder == "moving_digits":
+    result = score_probe(config, engine, config.train.score_samples)
+    log.info("step %d: probe samples (EMA): %s", step, digit_score.summary(result))
+    if is_chief():
+      line = {"step": step, **{k: result[k] for k in ("clips", "digit", "color", "direction")}}
+      with (out_dir / "scores.jsonl").open("a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+def score_probe(config, engine, count: int) -> dict:
+  """t2v for `count` one-digit probe prompts (digit_score.probe_prompts) at the sample
+  size, scored against their prompts; the result also holds the videos and prompts."""
+  s = config.sample
+  prompts = digit_score.probe_prompts(count, config.moving_digits.colors)
+  generation = generate(engine, "t2v", prompts, frames=s.frames, height=s.height, width=s.width,
+                        seed=config.seed + 1, steps=s.steps, sampler=s.sampler, guidance=s.guidance)
+  result = digit_score.score(generation.videos, prompts, config.moving_digits.digit_size)
+  return dict(result, videos=generation.videos, prompts=prompts)
 
 
 # ------------------------------------------------------------------ the demo's samples
@@ -633,3 +652,36 @@ def demo_samples(config, workdir, mesh) -> list:
         write_outputs(str(out), generation, s.fps)
     items.append(dict(task=task, prompt=text, output=str(out), sheet=sheet_path(out), inputs=input_paths, note=note))
   return items
+
+
+def demo_probe(config, workdir, mesh, count: int = 20):
+  """The demo's sample-quality figures: t2v for `count` probe prompts, scored against
+  them and against the scorer's reading of true clips of the same size. Writes
+  W/samples/probe.sheet.png and W/eval/probe_scores.json (kept: a re-run reads it).
+  Returns (report item, honest-summary lines); (None, []) off the moving_digits world."""
+  if config.data.builder != "moving_digits" or config.sample.frames == 1:
+    return None, []
+  s = config.sample
+  sheet = epath.Path(workdir) / "samples" / "probe.sheet.png"
+  scores = epath.Path(workdir) / "eval" / "probe_scores.json"
+  if scores.exists() and sheet.exists():
+    saved = json.loads(scores.read_text())
+  else:
+    result = score_probe(config, Engine.from_workdir(config, workdir, mesh), count)
+    truth = digit_score.reference(s.frames, s.height, s.width, config.moving_digits)
+    keys = ("clips", "digit", "color", "direction")
+    saved = dict(samples={k: result[k] for k in keys}, true_clips={k: truth[k] for k in keys},
+                 rows=result["rows"], steps=s.steps, guidance=s.guidance)
+    if is_chief():
+      scores.parent.mkdir(parents=True, exist_ok=True)
+      _atomic(str(sheet), lambda tmp: video_io.write_png(tmp, contact_sheet(result["videos"], np.zeros(s.frames, bool))))
+      _atomic(str(scores), lambda tmp: epath.Path(tmp).write_text(json.dumps(saved, indent=2) + "\n"))
+  samples, truth = saved["samples"], saved["true_clips"]
+  note = (f"Scored automatically (vidsim/digit_score.py) on {samples['clips']} one-digit probe prompts: "
+          f"{digit_score.summary(samples)}. The same scorer on true clips of this size reads "
+          f"digit {truth['digit']:.2f}, colour {truth['color']:.2f}, direction {truth['direction']:.2f}; "
+          f"chance is about 0.10, 0.12 and 0.25.")
+  item = dict(task="t2v probe", prompt=f"{samples['clips']} prompts: digit i % 10, direction and colour in turn",
+              output=str(sheet), sheet="", inputs=[], note=digit_score.summary(samples))
+  return item, [note]
+
