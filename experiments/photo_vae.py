@@ -113,12 +113,9 @@ def photo_psnr(vae_config_path: str, workdir: str, folder: str = DEFAULT_FOLDER)
   config.vae = load_config(vae_config_path).vae  # The checkpoint's architecture.
   config.data.buckets = ((FRAMES, SIZE, SIZE),)
   config.data.batch_size = 4
-  config.data.shuffle = False
-  config.data.random_crop = False
   mesh = loop.job_mesh(config)
-  # Validation: 4 clips = 1 batch; train: 8 clips = 2 batches.
-  return {split: round(vae_loop.evaluate_psnr(config, workdir, mesh, split, batches), 2)
-          for split, batches in (("validation", 1), ("train", 2))}
+  return {split: round(vae_loop.evaluate_split(config, workdir, mesh, split)["psnr_db"], 2)
+          for split in ("validation", "train")}
 
 
 USAGE = """usage:

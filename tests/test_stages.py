@@ -58,6 +58,28 @@ def test_vae_stage_writes_metrics_recon_and_latent_stats(trained_vae):
   assert np.all(vae.scale > 0) and not np.allclose(vae.scale, 1.0)  # Computed from data.
 
 
+def test_vae_evaluation_covers_every_record_of_the_split_once(trained_vae, repo_root):
+  """train-vae ends with a whole-split PSNR; batching does not change it (pooled per
+  value, every record once); `vidsim eval-vae` prints the same figure."""
+  from vidsim.data import pipeline
+  from vidsim.train.vae_loop import evaluate_split
+
+  workdir, config = trained_vae
+  written = json.loads((workdir / "eval" / "vae_psnr_validation.json").read_text())
+  assert written["clips"] == len(pipeline.data_source(config, "validation")) == 16
+  assert sum(b["clips"] for b in written["per_bucket"].values()) == 16
+  assert "1x16x16" in written["per_bucket"]  # The split's images are evaluated too.
+  one_at_a_time = evaluate_split(_tiny(repo_root, **{"data.batch_size": 1}), workdir, mesh_lib.make_mesh(config),
+                                 "validation")
+  assert one_at_a_time["psnr_db"] == pytest.approx(written["psnr_db"], abs=2e-3)
+  assert 0 < written["psnr_db"] < 60  # A 4-step VAE: about 5 dB.
+  run = subprocess.run([sys.executable, "-m", "vidsim", "eval-vae", "--config",
+                        str(repo_root / "experiments/digits_tiny.py"), "--workdir", str(workdir)],
+                       capture_output=True, text=True)
+  assert run.returncode == 0, run.stderr
+  assert json.loads(run.stdout)["psnr_db"] == written["psnr_db"]
+
+
 def _encode_cmd(workdir, repo_root, per_shard):
   return [sys.executable, "-m", "vidsim", "encode", "--config", str(repo_root / "experiments/digits_tiny.py"),
           "--workdir", str(workdir), f"--config.encode.examples_per_shard={per_shard}", "--config.encode.batch_size=2"]

@@ -46,6 +46,14 @@ def _train_vae_cmd(sub):
   return p
 
 
+def _eval_vae_cmd(sub):
+  p = sub.add_parser("eval-vae", help="PSNR of the trained VAE over a whole split (every clip once)")
+  _add_config_arg(p)
+  _add_workdir_arg(p)
+  p.add_argument("--split", default="", help="split to evaluate (default: data.eval_split)")
+  return p
+
+
 def _encode_cmd(sub):
   p = sub.add_parser("encode", help="build the latent cache with the trained VAE (resumable)")
   _add_config_arg(p)
@@ -105,6 +113,7 @@ COMMANDS = {
     "config": (_config_cmd, "vidsim.cli:run_config"),
     "data": (_data_cmd, "vidsim.data.commands:run_data"),
     "train-vae": (_train_vae_cmd, "vidsim.train.vae_loop:run_train_vae"),
+    "eval-vae": (_eval_vae_cmd, "vidsim.train.vae_loop:run_eval_vae"),
     "encode": (_encode_cmd, "vidsim.latents:run_encode"),
     "train": (_train_cmd, "vidsim.train.dit_loop:run_train"),
     "sample": (_sample_cmd, "vidsim.sample:run_sample"),

@@ -29,6 +29,18 @@ def run_train_vae(args, config):
   train_vae(config, args.workdir, loop.job_mesh(config))
 
 
+def run_eval_vae(args, config):
+  """`vidsim eval-vae`: PSNR of the trained VAE over a whole split, as JSON on stdout
+  and in W/eval/vae_psnr_<split>.json."""
+  import json
+
+  split = args.split or config.data.eval_split
+  result = evaluate_split(config, args.workdir, loop.job_mesh(config), split)
+  write_eval(args.workdir, result)
+  if is_chief():
+    print(json.dumps(result, indent=2))
+
+
 def build_vae(config):
   return vae_lib.VideoVAE(config, rngs=nnx.Rngs(config.seed))
 
@@ -97,8 +109,13 @@ def train_vae(config, workdir, mesh):
         every=[(tc.recon_every, write_reconstruction)], before_final_save=set_latent_stats,
     )
     state = loop.run(spec, config, workdir, mesh)
-    if int(mesh_lib.to_host(state["step"])) == tc.steps and not (stage_dir / "recon" / f"step_{tc.steps:06d}.gif").exists():
-      write_reconstruction(state, tc.steps)
+    if int(mesh_lib.to_host(state["step"])) == tc.steps:
+      if not (stage_dir / "recon" / f"step_{tc.steps:06d}.gif").exists():
+        write_reconstruction(state, tc.steps)
+      if not eval_path(workdir, config.data.eval_split).exists():
+        result = evaluate_split(config, workdir, mesh, config.data.eval_split)
+        write_eval(workdir, result)
+        log.info("PSNR over the whole %s split (%d clips, EMA weights): %.2f dB", result["split"], result["clips"], result["psnr_db"])
     return state
 
 
@@ -215,17 +232,63 @@ class TrainedVAE:
     return nnx.merge(self.graphdef, self.params)
 
 
-def evaluate_psnr(config, workdir, mesh, split: str, batches: int = 1) -> float:
-  """PSNR (dB, pooled MSE as in the training hook) of the trained VAE's EMA weights in
-  `workdir` over the first `batches` batches of `split` of config's dataset. With
-  data.shuffle and data.random_crop off, the same clips and windows every call."""
-  vae = TrainedVAE(config, workdir, mesh)
+def evaluate_split(config, workdir, mesh, split: str) -> dict:
+  """The trained VAE's EMA reconstructions of every record of `split`, each exactly once.
+
+  Each record goes to its bucket as the pipeline would put it there without randomness
+  (its first frames, centre crop), so the figure is the same on every call and covers
+  the whole split, unlike the training hook's one batch. PSNR is pooled MSE (as in the
+  hook), overall and per bucket. Every process computes the same result on its own.
+  """
+  from tqdm import tqdm
+
+  vae = TrainedVAE(config, workdir, mesh)  # Host copies of the weights: no collectives below.
   model = vae.model()
-  reconstruct = jax.jit(lambda video: model.decode(model.encode(video)[0]))
-  data = iter(pipeline.pixel_dataset(config, split, batch_multiple=mesh_lib.data_parallel_size(mesh, config)))
-  squared_error, pixels = 0.0, 0
-  for _ in range(batches):
-    video = jnp.asarray(next(data)["video"])
-    squared_error += float(mse_01(video, reconstruct(video))) * video.size
-    pixels += video.size
-  return float(psnr_of_mse(squared_error / pixels))
+  squared_error_sum = jax.jit(lambda video: jnp.sum(((jnp.clip(model.decode(model.encode(video)[0]), -1, 1) - video) / 2.0) ** 2))
+  source = pipeline.data_source(config, split)
+  buckets = pipeline.check_buckets(config.data.buckets)
+  pending = {b: [] for b in range(len(buckets))}
+  totals = {b: [0.0, 0, 0] for b in range(len(buckets))}  # squared error, values, clips
+
+  def flush(b):
+    video = np.stack(pending[b]).astype(np.float32) / 127.5 - 1.0
+    totals[b][0] += float(squared_error_sum(jnp.asarray(video)))
+    totals[b][1] += video.size
+    totals[b][2] += len(video)
+    pending[b] = []
+
+  for index in tqdm(range(len(source)), desc=f"evaluate vae on {split}", disable=not is_chief()):
+    record = source[index]
+    b = pipeline.assign_bucket(int(record["num_frames"]), int(record["height"]), int(record["width"]), buckets)
+    window = pipeline.temporal_window(int(record["num_frames"]), buckets[b][0])
+    pending[b].append(pipeline.fit_to_bucket(pipeline.decode_example(record, frame_range=window)["video"], buckets[b]))
+    if len(pending[b]) == config.data.batch_size:
+      flush(b)
+  for b in pending:
+    if pending[b]:
+      flush(b)
+
+  to_db = lambda error, values: round(float(psnr_of_mse(error / values)), 3)
+  used = [b for b in totals if totals[b][2]]
+  result = {
+      "split": split,
+      "step": vae.step,
+      "clips": sum(totals[b][2] for b in used),
+      "psnr_db": to_db(sum(totals[b][0] for b in used), sum(totals[b][1] for b in used)),
+      "per_bucket": {"x".join(map(str, buckets[b])): {"clips": totals[b][2], "psnr_db": to_db(*totals[b][:2])} for b in used},
+  }
+  return result
+
+
+def eval_path(workdir, split: str):
+  """Where evaluations go (DESIGN.md: W/eval/*.json)."""
+  return epath.Path(workdir) / "eval" / f"vae_psnr_{split}.json"
+
+
+def write_eval(workdir, result: dict) -> None:
+  import json
+
+  if is_chief():
+    path = eval_path(workdir, result["split"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
