@@ -8,6 +8,7 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -142,3 +143,19 @@ def test_a_relative_workdir_works(tmp_path, monkeypatch):
   mesh = mesh_lib.make_mesh(config)
   loop.run(_spec(config, mesh), config, "runs/relative", mesh)
   assert (tmp_path / "runs" / "relative" / "toy" / "checkpoints" / "4").is_dir()
+
+
+def test_ema_warmup_forgets_the_initial_weights():
+  decay = lambda step: float(optim.ema_warmup_decay(0.999, step))
+  assert decay(0) == pytest.approx(0.1) and decay(90) == pytest.approx(0.91) and decay(10_000) == pytest.approx(0.999)
+  # Weight left on the initial params after 500 updates: a plain 0.999 EMA keeps 61% of it.
+  assert np.prod([decay(s) for s in range(500)]) < 1e-6
+  params = {"w": jnp.zeros(())}
+  optimizer = optax.sgd(1.0)
+  state = optim.init_train_state(params, optimizer, 0)
+  for _ in range(3):  # Gradient -1: params go 1, 2, 3.
+    state, _ = optim.apply_gradients(state, jnp.float32(0), {"w": jnp.float32(-1)}, optimizer, 0.999)
+  expected = 0.0
+  for step, value in enumerate((1.0, 2.0, 3.0)):
+    expected = decay(step) * expected + (1 - decay(step)) * value
+  assert float(state["ema"]["w"]) == pytest.approx(expected)

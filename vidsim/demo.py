@@ -43,10 +43,22 @@ def run_demo(args, config):
   from vidsim.train.dit_loop import train_dit
   from vidsim.train.vae_loop import train_vae
 
+  def train(name, fn, steps):
+    # A SIGTERM ends a training stage early with a checkpoint; the later stages would
+    # then sample from a half-trained model, so the demo stops too (a re-run resumes).
+    state = {}
+    stage(name, lambda: state.update(fn()))
+    step = int(mesh_lib.to_host(state["step"]))
+    if step < steps:
+      log.warning("demo: %s stopped at step %d of %d; run the same command again to resume", name, step, steps)
+    return step >= steps
+
   stage("data", lambda: data_commands.prepare(config))
-  stage("train-vae", lambda: train_vae(config, workdir, mesh))
+  if not train("train-vae", lambda: train_vae(config, workdir, mesh), config.vae_train.steps):
+    return
   stage("encode", lambda: encode_cache(config, workdir, mesh))
-  stage("train", lambda: train_dit(config, workdir, mesh))
+  if not train("train", lambda: train_dit(config, workdir, mesh), config.train.steps):
+    return
   from vidsim import report, sample
 
   outputs, notes = [], []
