@@ -159,3 +159,12 @@ def test_ema_warmup_forgets_the_initial_weights():
   for step, value in enumerate((1.0, 2.0, 3.0)):
     expected = decay(step) * expected + (1 - decay(step)) * value
   assert float(state["ema"]["w"]) == pytest.approx(expected)
+
+
+def test_a_timestep_range_without_tokens_is_left_out_of_the_logged_row():
+  state = {"nonfinite_total": np.int32(0)}
+  metrics = {"loss": np.float32(1.0), "loss_t00_25": np.float32(0.0), "tokens_t00_25": np.float32(0.0),
+             "loss_t25_50": np.float32(0.8), "tokens_t25_50": np.float32(12.0)}
+  row = loop._log_row(metrics, state, loop._Window(), peak=1.0)
+  assert "loss_t00_25" not in row and row["tokens_t00_25"] == 0
+  assert row["loss_t25_50"] == pytest.approx(0.8)

@@ -183,8 +183,9 @@ def flow_loss(v_pred, v_target, loss_mask, t):
 
   Each loss token weighs the same (so a long clip counts more than a small image,
   as in NaViT). Metrics: loss, loss_tokens, and per timestep range `loss_tLO_HI`
-  with its token count `tokens_tLO_HI` (the range loss is 0 when it has no tokens;
-  weight by the count when averaging over steps).
+  with its token count `tokens_tLO_HI` (the range loss is 0 when it has no tokens,
+  and the stage loop then leaves it out of the logged row; weight by the count when
+  averaging over steps).
   """
   per_token_mse = jnp.mean(jnp.square(v_pred.astype(jnp.float32) - v_target.astype(jnp.float32)), axis=-1)
   weight = loss_mask.astype(jnp.float32)

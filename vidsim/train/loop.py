@@ -174,6 +174,10 @@ class _Window:
 
 def _log_row(step_metrics, state, window, peak, summarize_units=None):
   row = {k: float(v) for k, v in mesh_lib.to_host(step_metrics).items()}
+  # A per-range loss over no tokens (flow.flow_loss: `loss_X` with `tokens_X` == 0) is
+  # no measurement; logged as 0 it drew false dips in the curves.
+  for key in [k for k in row if k.startswith("tokens_") and row[k] == 0]:
+    row.pop("loss_" + key[len("tokens_"):], None)
   row["nonfinite_total"] = int(mesh_lib.to_host(state["nonfinite_total"]))
   if window.steps and summarize_units is not None:
     row.update(summarize_units(window.units))
