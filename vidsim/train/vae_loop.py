@@ -6,6 +6,7 @@ metrics). Outputs under W/vae/: checkpoints/, metrics.jsonl, tensorboard/, recon
 """
 
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,7 @@ from flax import nnx
 from vidsim import mesh as mesh_lib
 from vidsim.data import pipeline
 from vidsim.data.video_io import write_video
-from vidsim.log import get_logger, is_chief
+from vidsim.log import get_logger, is_chief, progress
 from vidsim.models import vae as vae_lib
 from vidsim.train import loop, optim
 
@@ -32,8 +33,6 @@ def run_train_vae(args, config):
 def run_eval_vae(args, config):
   """`vidsim eval-vae`: PSNR of the trained VAE over a whole split, as JSON on stdout
   and in W/eval/vae_psnr_<split>.json."""
-  import json
-
   split = args.split or config.data.eval_split
   result = evaluate_split(config, args.workdir, loop.job_mesh(config), split)
   write_eval(args.workdir, result)
@@ -240,24 +239,22 @@ def evaluate_split(config, workdir, mesh, split: str) -> dict:
   the whole split, unlike the training hook's one batch. PSNR is pooled MSE (as in the
   hook), overall and per bucket. Every process computes the same result on its own.
   """
-  from tqdm import tqdm
-
   vae = TrainedVAE(config, workdir, mesh)  # Host copies of the weights: no collectives below.
   model = vae.model()
-  squared_error_sum = jax.jit(lambda video: jnp.sum(((jnp.clip(model.decode(model.encode(video)[0]), -1, 1) - video) / 2.0) ** 2))
+  reconstruct = jax.jit(lambda video: model.decode(model.encode(video)[0]))
   source = pipeline.data_source(config, split)
   buckets = pipeline.check_buckets(config.data.buckets)
   pending = {b: [] for b in range(len(buckets))}
   totals = {b: [0.0, 0, 0] for b in range(len(buckets))}  # squared error, values, clips
 
   def flush(b):
-    video = np.stack(pending[b]).astype(np.float32) / 127.5 - 1.0
-    totals[b][0] += float(squared_error_sum(jnp.asarray(video)))
+    video = jnp.asarray(np.stack(pending[b]).astype(np.float32) / 127.5 - 1.0)
+    totals[b][0] += float(mse_01(video, reconstruct(video))) * video.size
     totals[b][1] += video.size
     totals[b][2] += len(video)
     pending[b] = []
 
-  for index in tqdm(range(len(source)), desc=f"evaluate vae on {split}", disable=not is_chief()):
+  for index in progress(range(len(source)), desc=f"evaluate vae on {split}"):
     record = source[index]
     b = pipeline.assign_bucket(int(record["num_frames"]), int(record["height"]), int(record["width"]), buckets)
     window = pipeline.temporal_window(int(record["num_frames"]), buckets[b][0])
@@ -270,14 +267,13 @@ def evaluate_split(config, workdir, mesh, split: str) -> dict:
 
   to_db = lambda error, values: round(float(psnr_of_mse(error / values)), 3)
   used = [b for b in totals if totals[b][2]]
-  result = {
+  return {
       "split": split,
       "step": vae.step,
       "clips": sum(totals[b][2] for b in used),
       "psnr_db": to_db(sum(totals[b][0] for b in used), sum(totals[b][1] for b in used)),
       "per_bucket": {"x".join(map(str, buckets[b])): {"clips": totals[b][2], "psnr_db": to_db(*totals[b][:2])} for b in used},
   }
-  return result
 
 
 def eval_path(workdir, split: str):
@@ -286,8 +282,6 @@ def eval_path(workdir, split: str):
 
 
 def write_eval(workdir, result: dict) -> None:
-  import json
-
   if is_chief():
     path = eval_path(workdir, result["split"])
     path.parent.mkdir(parents=True, exist_ok=True)
