@@ -15,8 +15,11 @@ from flax import nnx
 
 from vidsim.errors import UsageError
 
-# Initialisers: DiT / PixArt use xavier-uniform for projections and zeros for every
-# layer whose output is gated into the residual, so a fresh block is the identity.
+# Initialisers: DiT / PixArt use xavier-uniform for projections and zeros for the
+# adaLN modulation (so every gate starts at 0 and a fresh block is the identity) and
+# the final layer. A projection that feeds a zero gate must NOT also start at zero:
+# gate * out(x) then has a zero gradient for both, forever (sessions 1-3 trained DiTs
+# whose self-attention and MLP never moved; tests/test_dit_model.py checks the gradients).
 xavier = nnx.initializers.xavier_uniform()
 zeros = nnx.initializers.zeros_init()
 ones = nnx.initializers.ones_init()
@@ -179,7 +182,7 @@ class SelfAttention(nnx.Module):
     )
     self.out = nnx.Einsum(
         "rlhk,hkd->rld", (heads, head_dim, width), dtype=dtype,
-        kernel_init=partitioned(zeros, "heads", "kv", "embed"), rngs=rngs,
+        kernel_init=partitioned(xavier, "heads", "kv", "embed"), rngs=rngs,
     )
     self.q_norm = rms_norm(head_dim, dtype, rngs) if qk_norm else None
     self.k_norm = rms_norm(head_dim, dtype, rngs) if qk_norm else None
@@ -255,7 +258,7 @@ class Mlp(nnx.Module):
     )
     self.wo = nnx.Linear(
         self.hidden, width, dtype=dtype,
-        kernel_init=partitioned(zeros, "mlp", "embed"), bias_init=partitioned(zeros, "embed"), rngs=rngs,
+        kernel_init=partitioned(xavier, "mlp", "embed"), bias_init=partitioned(zeros, "embed"), rngs=rngs,
     )
 
   def __call__(self, x):
