@@ -165,7 +165,9 @@ def test_dit_stage_resumes_onto_other_process_counts_and_meshes_with_the_same_ba
     rows = read_metrics(tmp_path / name / "dit" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4], name
     for a, b in zip(reference, rows):
-      assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), (name, a["step"])
+      # Other layouts reduce in other orders (tensor=2 splits the matmuls): ~1e-4 apart
+      # after 4 steps. Another batch would be off by percents.
+      assert b["loss"] == pytest.approx(a["loss"], rel=1e-3), (name, a["step"])
   # After 4 batches every run, on any layout, stands at the same stream position.
   positions = {p.read_text() for name in ("ref", "to_two", "from_two")
                for p in (tmp_path / name / "dit" / "checkpoints" / "4" / "data_iter").glob("process_*.json")}

@@ -111,7 +111,7 @@ def train_vae(config, workdir, mesh):
     if int(mesh_lib.to_host(state["step"])) == tc.steps:
       if not (stage_dir / "recon" / f"step_{tc.steps:06d}.gif").exists():
         write_reconstruction(state, tc.steps)
-      if not eval_path(workdir, config.data.eval_split).exists():
+      if tc.steps > 0 and not eval_path(workdir, config.data.eval_split).exists():  # 0 steps: no checkpoint.
         result = evaluate_split(config, workdir, mesh, config.data.eval_split)
         write_eval(workdir, result)
         log.info("PSNR over the whole %s split (%d clips, EMA weights): %.2f dB", result["split"], result["clips"], result["psnr_db"])
