@@ -10,7 +10,9 @@ DiT 483 s, sampling 11 s).
 Expected result: runs/demo/report.html with every task's output. Measured: VAE
 validation PSNR 21.9 dB (EMA); DiT flow loss 1.96 -> ~1.0, packing efficiency 0.95;
 the samples are coloured blobs that move and spread, NOT recognisable digits.
-This config shows the pipeline working end to end, not sample quality.
+This config shows the pipeline working end to end, not sample quality. These figures
+predate session 3's DiT init fix (self-attention and MLP had zero gradients) and the
+VAE norm change; the demo has not been re-run since.
 """
 
 from vidsim.config import base_config
