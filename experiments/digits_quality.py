@@ -12,7 +12,7 @@ Command:
       --prompt "a red 3 moves right" --out red3.mp4
   (or `vidsim demo --config experiments/digits_quality.py --workdir runs/digits_quality`,
   which runs every stage, every task and writes report.html)
-Budget: at most about 2 hours on a 2-core CPU. Measured (session 3): VAE 19.1 min
+Expected runtime: at most about 2 hours on a 2-core CPU. Measured (session 3): VAE 19.1 min
 (digits_vae.py's run), latent cache 20 s, DiT 1,500 steps 47.5 min (~1.7 s/step; the
 test suite ran beside it for ~30 min), every sampling task and the probe 16 s. That
 leaves ~50 minutes of the budget: about 1,900 more steps (train.steps ~3,400).
