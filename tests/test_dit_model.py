@@ -193,19 +193,23 @@ def rf_loss(model, batch, noise):
   return jnp.sum(weight * jnp.square(v - (noise - x0))) / (weight.sum() * x0.shape[-1])
 
 
-def test_overfits_one_batch(config):
-  model = build(config)
-  batch = pack_rows(config, [[A, B], [B, A]], 24)
-  noise = np.random.default_rng(0).normal(size=batch["tokens"].shape).astype(np.float32)
+def adam_steps(model, batch, seed=0):
+  """A jitted AdamW(3e-3) step on `batch` with fixed noise: () -> (loss, grads)."""
+  noise = np.random.default_rng(seed).normal(size=batch["tokens"].shape).astype(np.float32)
   optimizer = nnx.Optimizer(model, optax.adamw(3e-3), wrt=nnx.Param)
 
   @nnx.jit
   def step(model, optimizer):
     loss, grads = nnx.value_and_grad(rf_loss)(model, batch, noise)
     optimizer.update(model, grads)
-    return loss
+    return loss, grads
 
-  losses = [float(step(model, optimizer)) for _ in range(100)]
+  return lambda: step(model, optimizer)
+
+
+def test_overfits_one_batch(config):
+  step = adam_steps(build(config), pack_rows(config, [[A, B], [B, A]], 24))
+  losses = [float(step()[0]) for _ in range(100)]
   assert losses[-1] < 0.1 * losses[0], losses[::10]
 
 
@@ -217,17 +221,9 @@ def test_fresh_blocks_learn_through_their_zero_gates(config):
   moved, so RoPE positions did nothing."""
   model = build(config)
   batch = pack_rows(config, [[A, B], [B, A]], 24)
-  noise = np.random.default_rng(0).normal(size=batch["tokens"].shape).astype(np.float32)
-  optimizer = nnx.Optimizer(model, optax.adamw(3e-3), wrt=nnx.Param)
-
-  @nnx.jit
-  def step(model, optimizer):
-    loss, grads = nnx.value_and_grad(rf_loss)(model, batch, noise)
-    optimizer.update(model, grads)
-    return grads
-
+  step = adam_steps(model, batch)
   for _ in range(3):  # Step 1 moves only the zero-init final layer, step 2 the gates.
-    grads = step(model, optimizer)
+    _, grads = step()
   norms = {"/".join(str(getattr(k, "key", k)) for k in path): float(jnp.linalg.norm(g))
            for path, g in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(grads))[0]}
   for name in ("blocks/modulation", "time_modulation/kernel", "blocks/attn/out/kernel", "blocks/mlp/wo/kernel",

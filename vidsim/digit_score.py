@@ -152,6 +152,14 @@ def probe_prompts(count: int, colors) -> list:
   return prompts
 
 
+SCORE_KEYS = ("clips", "digit", "color", "direction")
+
+
+def headline(result: dict) -> dict:
+  """The figures of a `score` result without its per-clip rows."""
+  return {k: result[k] for k in SCORE_KEYS}
+
+
 def summary(result: dict) -> str:
   """One line: how many clips show the prompt's digit, colour and direction."""
   n = result["clips"]

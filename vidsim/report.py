@@ -157,18 +157,18 @@ def _fmt(value):
 
 def _honest_summary(config, workdir, vae_rows, dit_rows, val_psnr, quality_notes):
   lines = []
-  split_eval = epath.Path(workdir) / "eval" / f"vae_psnr_{config.data.eval_split}.json"
+  from vidsim.train.vae_loop import eval_path
+
+  split_eval = eval_path(workdir, config.data.eval_split)
+  vae_note = ("(an all-black frame scores about 17 dB on this world; the VAE benchmark's target is 30 dB). "
+              "Every given frame below passes through it, so its softness is the VAE's.")
   if split_eval.exists():
     result = json.loads(split_eval.read_text())
     lines.append(f"The VAE trained {result['step']} steps and reconstructs the {result['clips']} clips of the "
-                 f"{result['split']} split at {result['psnr_db']:.1f} dB PSNR (an all-black frame scores about 17 dB "
-                 "on this world; the VAE benchmark's target is 30 dB). Every given frame below passes through it, "
-                 "so its softness is the VAE's.")
+                 f"{result['split']} split at {result['psnr_db']:.1f} dB PSNR {vae_note}")
   elif val_psnr:
     lines.append(f"The VAE trained {val_psnr[-1]['step']} steps and reconstructs a validation batch at "
-                 f"{val_psnr[-1]['val_psnr']:.1f} dB PSNR (an all-black frame scores about 17 dB on this world; "
-                 "the VAE benchmark's target is 30 dB). Every given frame below passes through it, so its "
-                 "softness is the VAE's.")
+                 f"{val_psnr[-1]['val_psnr']:.1f} dB PSNR {vae_note}")
   if dit_rows:
     first, last = dit_rows[0], dit_rows[-1]
     lines.append(f"The DiT trained {last['step']} steps of {config.train.steps}; its flow loss went from "

@@ -546,7 +546,7 @@ def training_samples(config, workdir, mesh, graphdef, state, step):
     result = score_probe(config, engine, config.train.score_samples)
     log.info("step %d: probe samples (EMA): %s", step, digit_score.summary(result))
     if is_chief():
-      line = {"step": step, **{k: result[k] for k in ("clips", "digit", "color", "direction")}}
+      line = {"step": step, **digit_score.headline(result)}
       with (out_dir / "scores.jsonl").open("a") as f:
         f.write(json.dumps(line) + "\n")
 
@@ -669,8 +669,7 @@ def demo_probe(config, workdir, mesh, count: int = 20):
   else:
     result = score_probe(config, Engine.from_workdir(config, workdir, mesh), count)
     truth = digit_score.reference(s.frames, s.height, s.width, config.moving_digits)
-    keys = ("clips", "digit", "color", "direction")
-    saved = dict(samples={k: result[k] for k in keys}, true_clips={k: truth[k] for k in keys},
+    saved = dict(samples=digit_score.headline(result), true_clips=digit_score.headline(truth),
                  rows=result["rows"], steps=s.steps, guidance=s.guidance)
     if is_chief():
       scores.parent.mkdir(parents=True, exist_ok=True)
