@@ -29,8 +29,10 @@ demo: venv
 
 # pytest exits 5 when it collects nothing: for this suite that means something is
 # broken (a bad -k, an import error at collection), so it fails like any other error.
+# GLIBC_TUNABLES: what the vidsim command sets for itself (vidsim/malloc.py), for the
+# in-process tests too.
 test: venv-test
-	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	GLIBC_TUNABLES=glibc.malloc.hugetlb=1 $(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5)"; fi; \
 	exit $$rc
 

@@ -1,5 +1,3 @@
-import sys
+from vidsim.cli import entry
 
-from vidsim.cli import main
-
-sys.exit(main())
+entry()

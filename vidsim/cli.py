@@ -167,6 +167,15 @@ def run_config(args, config):
   print(config_lib.to_json(config))
 
 
+def entry():
+  """The installed `vidsim` command (and `python -m vidsim`): main() in a process
+  whose malloc uses huge pages (vidsim/malloc.py). Tests call main() directly."""
+  from vidsim import malloc
+
+  malloc.reexec_with_hugepages()
+  sys.exit(main())
+
+
 def main(argv=None):
   argv = sys.argv[1:] if argv is None else argv
   try:

@@ -12,6 +12,7 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from vidsim.errors import UsageError
 
@@ -29,7 +30,12 @@ LAYERS = {nnx.PARTITION_NAME: "layers"}
 
 REMAT_POLICIES = {
     "full": None,  # Save nothing; recompute the whole layer in the backward pass.
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # Keep matmul outputs.
+    # Keep matmul outputs without batch dims (the projections) and the einsum
+    # attention's output and log-sum-exp (`einsum_attention`); recompute the rest.
+    "dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names("attention_out", "attention_lse"),
+    ),
 }
 # "einsum": our own two-einsum attention (see `einsum_attention`); the others are
 # jax.nn.dot_product_attention's implementations.
@@ -154,7 +160,8 @@ def attend(q, k, v, bias, impl):
 
 
 def einsum_attention(q, k, v, bias):
-  """Softmax attention as two einsums, logits and softmax in fp32.
+  """Softmax attention as two einsums (logits and softmax in fp32) with a
+  FlashAttention-style backward (`_einsum_attention_bwd`).
 
   Why not jax.nn.dot_product_attention(implementation="xla"): on XLA:CPU (jax 0.10.2)
   the same math runs slower through it (attention alone, forward + backward at
@@ -162,9 +169,52 @@ def einsum_attention(q, k, v, bias):
   docs/benchmarks.md "## DiT"), and there is no fused CPU kernel.
   On GPU/TPU pick cudnn or xla/auto instead.
   """
-  logits = jnp.einsum("rthd,rshd->rhts", q, k, preferred_element_type=jnp.float32)
-  weights = jax.nn.softmax(logits * q.shape[-1] ** -0.5 + bias, axis=-1).astype(v.dtype)
-  return jnp.einsum("rhts,rshd->rthd", weights, v)
+  return _einsum_attention(q, k, v, bias)
+
+
+def _logits(q, k, bias):
+  scale = q.shape[-1] ** -0.5
+  return jnp.einsum("rthd,rshd->rhts", q, k, preferred_element_type=jnp.float32) * scale + bias
+
+
+@jax.custom_vjp
+def _einsum_attention(q, k, v, bias):
+  return _einsum_attention_fwd(q, k, v, bias)[0]
+
+
+def _einsum_attention_fwd(q, k, v, bias):
+  """Normalises after the value einsum ([T, D] per head, not [T, S]) and keeps only
+  the output and the log-sum-exp for the backward. Their names let the remat policy
+  save these two small arrays, so the backward recomputes the logits once instead
+  of the whole forward (see REMAT_POLICIES)."""
+  logits = _logits(q, k, bias)
+  peak = jax.lax.stop_gradient(logits.max(-1, keepdims=True))
+  unnormalised = jnp.exp(logits - peak)
+  total = unnormalised.sum(-1, keepdims=True)  # [R, H, T, 1]
+  out = jnp.einsum("rhts,rshd->rthd", unnormalised.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  out = checkpoint_name((out / jnp.moveaxis(total, 1, 2)).astype(q.dtype), "attention_out")
+  lse = checkpoint_name((peak + jnp.log(total))[..., 0], "attention_lse")  # [R, H, T]
+  return out, (q, k, v, bias, out, lse)
+
+
+def _einsum_attention_bwd(residuals, d_out):
+  """dLogits = P * (dP - rowsum(dO * O)): the row sum is over [T, D], not over
+  [T, S] (FlashAttention's identity), so the backward makes two passes over the
+  logits instead of the softmax VJP's three."""
+  q, k, v, bias, out, lse = residuals
+  probs = jnp.exp(_logits(q, k, bias) - lse[..., None])
+  d_v = jnp.einsum("rhts,rthd->rshd", probs.astype(d_out.dtype), d_out, preferred_element_type=jnp.float32)
+  d_probs = jnp.einsum("rthd,rshd->rhts", d_out, v, preferred_element_type=jnp.float32)
+  delta = jnp.einsum("rthd,rthd->rht", d_out.astype(jnp.float32), out.astype(jnp.float32))
+  # The gradient of the unscaled q.k scores: the logits' gradient times the scale.
+  d_scores = (probs * (d_probs - delta[..., None]) * q.shape[-1] ** -0.5).astype(q.dtype)
+  d_q = jnp.einsum("rhts,rshd->rthd", d_scores, k, preferred_element_type=jnp.float32)
+  d_k = jnp.einsum("rhts,rthd->rshd", d_scores, q, preferred_element_type=jnp.float32)
+  # The bias comes from integer masks: nothing upstream needs its gradient.
+  return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), None
+
+
+_einsum_attention.defvjp(_einsum_attention_fwd, _einsum_attention_bwd)
 
 
 class SelfAttention(nnx.Module):
