@@ -3,9 +3,10 @@
 Command:
   vidsim bench dit --config experiments/dit_bench.py --out /tmp/dit_bench.json
   (one row per step: --config.train.rows_per_batch=1)
-Expected runtime: about a minute on a quiet 2-core CPU (compile + 2 warmup + 5 timed steps).
+Expected runtime: about 40 s on a quiet 2-core CPU (compile + 2 warmup + 5 timed steps).
 Expected result: step time, tokens/s and MFU against the in-process 2048^3 fp32
-matmul rate; measured on a quiet 2-core CPU: 2.52 s/step, 813 tokens/s, MFU 0.41.
+matmul rate; measured on a quiet 2-core CPU (session 4, four runs): 2.08-2.14 s/step,
+956-987 tokens/s, MFU 0.49-0.53 (mean 0.51) against 471-496 GFLOP/s.
 The other variants and what limits them are in docs/benchmarks.md ("## DiT").
 """
 
