@@ -40,7 +40,7 @@ def get_config():
   c.text.depth = 2
   c.train.row_tokens = 256
   c.train.rows_per_batch = 12  # ~60 clips a step; 2.2 s/step at 16 rows left too few steps.
-  c.train.steps = 1500
+  c.train.steps = 4500
   c.train.learning_rate = 8e-4
   c.train.warmup_steps = 100
   c.train.ema_decay = 0.999

@@ -1,7 +1,7 @@
 """Transformer pieces shared by the DiT and the byte text encoder.
 
-Attention (fused self-attention and cross-attention, both masked, through
-`jax.nn.dot_product_attention`), 3D RoPE over per-token (t, h, w) positions,
+Attention (fused self-attention and cross-attention, both masked, through our
+einsum attention with its own backward or `jax.nn.dot_product_attention`), 3D RoPE over per-token (t, h, w) positions,
 QK-norm, GELU / SwiGLU MLPs, the sinusoidal timestep embedding, adaLN helpers and
 the scanned layer stack. Every parameter carries logical axis names (see
 config.mesh.rules); stacked layers get the extra leading "layers" axis.
