@@ -40,8 +40,8 @@ def parse_prompt(prompt: str):
 
 
 def _direction(step_y: float, step_x: float) -> str:
-  """The caption's direction words for a per-frame step (moving_digits._direction without 'slowly')."""
-  return moving_digits._direction(step_y, step_x, speed_slow=0.0)
+  """The caption's direction words for a per-frame step (moving_digits.direction_words without 'slowly')."""
+  return moving_digits.direction_words(step_y, step_x, speed_slow=0.0)
 
 
 def _crop(intensity: np.ndarray, size: int):
@@ -64,11 +64,11 @@ def _classifier(size: int):
   cropped like the frames (deterministic)."""
   from sklearn.linear_model import LogisticRegression
 
-  images, labels = moving_digits._digits()
+  images, labels = moving_digits.digit_scans()
   rng = np.random.default_rng(0)
   features, targets = [], []
   for instance in moving_digits.split_instances("train"):
-    sprite = moving_digits._sprite(int(instance), size)
+    sprite = moving_digits.sprite(int(instance), size)
     for _ in range(3):
       canvas = np.zeros((3 * size, 3 * size), np.float32)
       y, x = rng.integers(size - 2, size + 3, size=2)

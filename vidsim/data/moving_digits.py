@@ -37,7 +37,7 @@ def split_instances(split: str) -> np.ndarray:
   """Indices of the sklearn digits that belong to `split` (disjoint across splits)."""
   if split not in SPLITS:
     raise UsageError(f"moving_digits has splits {SPLITS}, not {split!r}")
-  ids = np.arange(len(_digits()[1]))
+  ids = np.arange(len(digit_scans()[1]))
   rest = ids % 10
   if split == "train":
     return ids[rest < 8]
@@ -45,7 +45,8 @@ def split_instances(split: str) -> np.ndarray:
 
 
 @functools.cache
-def _digits():
+def digit_scans():
+  """scikit-learn's 8x8 digit scans in [0, 1] [1797, 8, 8] and their labels [1797]."""
   from sklearn.datasets import load_digits
 
   data = load_digits()
@@ -53,9 +54,9 @@ def _digits():
 
 
 @functools.cache
-def _sprite(instance: int, size: int) -> np.ndarray:
+def sprite(instance: int, size: int) -> np.ndarray:
   """Alpha mask [size, size] in [0, 1] of one digit scan, upscaled smoothly."""
-  image = Image.fromarray((_digits()[0][instance] * 255).astype(np.uint8))
+  image = Image.fromarray((digit_scans()[0][instance] * 255).astype(np.uint8))
   return np.asarray(image.resize((size, size), Image.BICUBIC), np.float32) / 255.0
 
 
@@ -73,7 +74,8 @@ def _bounce(start, velocity, frames, limit):
   return np.asarray(positions)
 
 
-def _direction(vy, vx, speed_slow):
+def direction_words(vy, vx, speed_slow):
+  """The caption's words for a per-frame velocity (y down, x right), e.g. "slowly falls"."""
   speed = np.hypot(vy, vx)
   slowly = "slowly " if speed < speed_slow else ""
   horizontal = "right" if vx > 0 else "left"
@@ -131,7 +133,7 @@ def render_scene(
   unknown = [c for c in colors if c not in COLORS]
   if unknown or not colors:
     raise UsageError(f"moving_digits.colors: unknown {unknown}; valid: {sorted(COLORS)}")
-  images, labels = _digits()
+  images, labels = digit_scans()
   pool = split_instances(split)
   num = int(rng.integers(1, max_digits + 1))
   picked_colors = rng.choice(len(colors), size=num, replace=num > len(colors))
@@ -167,7 +169,7 @@ def render_scene(
 
   video = np.zeros((frames, height, width, 3), np.float32)
   for digit in digits:
-    alpha = _sprite(digit["instance"], digit_size)[..., None]
+    alpha = sprite(digit["instance"], digit_size)[..., None]
     rgb = np.asarray(digit["rgb"], np.float32)
     for t, (y, x) in enumerate(digit["positions"]):
       patch = video[t, y : y + digit_size, x : x + digit_size]
@@ -184,7 +186,7 @@ def render_scene(
 
 def _visibility(digit, size, height, width, occluder):
   """Fraction of the digit's mask not covered by the occluder, per frame, and hidden intervals."""
-  mask = _sprite(digit["instance"], size) > MASK_THRESHOLD
+  mask = sprite(digit["instance"], size) > MASK_THRESHOLD
   total = max(int(mask.sum()), 1)
   fractions = []
   for y, x in digit["positions"]:
@@ -212,7 +214,7 @@ def _caption(digits, frames, height, width, size, speed_slow):
       y, x = digit["positions"][0]
       phrases.append(f"{subject} {_place(y, x, height, width, size)}")
       continue
-    phrase = f"{subject} {_direction(*digit['velocity'], speed_slow)}"
+    phrase = f"{subject} {direction_words(*digit['velocity'], speed_slow)}"
     if digit["occluded_intervals"]:
       phrase += " and passes behind the grey bar"
     phrases.append(phrase)
