@@ -12,15 +12,19 @@ Command:
       --prompt "a red 3 moves right" --out red3.mp4
   (or `vidsim demo --config experiments/digits_quality.py --workdir runs/digits_quality`,
   which runs every stage, every task and writes report.html)
-Expected runtime: at most about 2 hours on a 2-core CPU. Measured (session 3): VAE 19.1 min
-(digits_vae.py's run), latent cache 20 s, DiT 1,500 steps 47.5 min (~1.7 s/step; the
-test suite ran beside it for ~30 min), every sampling task and the probe 16 s. That
-leaves ~50 minutes of the budget: about 1,900 more steps (train.steps ~3,400).
-Expected result, measured at 1,500 steps: NOT yet recognisable digits. Samples show
-one digit-sized stroke shape in the prompt's colour that drifts and changes shape.
-Probe scores (W/dit/samples/scores.jsonl, 40 prompts): colour 40/40 from step 500,
-digit 5/40 (chance 4/40), direction 3/40; the scorer reads true clips at digit 0.92,
-direction 0.89. Stills and commands: docs/generate.md ("What the outputs look like").
+Expected runtime: at most about 2 hours on a 2-core CPU; measured about 110 min. VAE
+19.1 min (digits_vae.py's run, session 3), latent cache 20 s, DiT 4,500 steps 89.4 min
+(session 4: 95.9 min of wall time less 6.5 min with the run paused for benchmarks;
+~1.19 s a step with the sample hook every 500 steps),
+every sampling task 12 s, the probe 6 s.
+Expected result, measured at 4,500 steps: digit-like moving glyphs in the prompt's
+colour, but NOT yet reliably the prompt's digit or direction; the glyph's shape
+changes from frame to frame. Probe scores (W/dit/samples/scores.jsonl, 40 prompts):
+colour 40/40, digit 12/40 (chance 4/40), direction 11/40 (2/40 at step 500, 5/40 at
+2,000); the scorer reads true clips at digit 0.92, direction 0.89. What is missing is
+the high-noise part (SDEdit from time 0.3 keeps digit 0.83 and direction 0.92):
+docs/generate.md ("What the outputs look like") has the stills, commands and that
+diagnosis.
 """
 
 import os
@@ -40,7 +44,7 @@ def get_config():
   c.text.depth = 2
   c.train.row_tokens = 256
   c.train.rows_per_batch = 12  # ~60 clips a step; 2.2 s/step at 16 rows left too few steps.
-  c.train.steps = 4500
+  c.train.steps = 4500  # ~89 min at ~1.19 s a step (huge-page malloc, einsum attention backward).
   c.train.learning_rate = 8e-4
   c.train.warmup_steps = 100
   c.train.ema_decay = 0.999
