@@ -2,11 +2,14 @@
 
 Command:
   make demo                      # = vidsim demo --config experiments/digits_demo.py --workdir runs/demo
-Expected runtime: about 15 minutes on a 2-core CPU (session 4 sizes: VAE 2,000 steps
-of 8 clips at ~0.15 s, DiT 2,000 steps at ~0.25 s, plus data, latent cache, ten
-sampling tasks, the probe and the report); not yet measured end to end.
-Expected result: runs/demo/report.html with every task's output and a summary that
-states the VAE's whole-split PSNR and the probe scores. Not yet measured with these sizes.
+Expected runtime: measured 14.2 minutes (851 s) on a quiet 2-core CPU, `make demo` on a
+fresh clone (session 4): data 3 s, VAE 2,000 steps 375 s, latent cache 20 s, DiT
+2,000 steps 440 s, ten sampling tasks 9 s, the probe 4 s, report < 1 s.
+Expected result: runs/demo/report.html with every task's output. Measured: VAE 27.4 dB
+PSNR over the whole validation split (EMA); DiT flow loss 2.02 -> 0.53, packing
+efficiency 0.94; probe 3/20 digit, 19/20 colour, 0/20 direction. The samples are
+coloured blobs and strokes that move, NOT recognisable digits: this config shows the
+pipeline working end to end, not sample quality (experiments/digits_quality.py does).
 """
 
 from vidsim.config import base_config
