@@ -11,20 +11,12 @@ from vidsim import malloc
 CHECK = "from vidsim import malloc; malloc.reexec_with_hugepages(); print(malloc.hugepages_active())"
 
 
-def _thp_enabled():
-  try:
-    with open(malloc.THP_MODE) as f:
-      return "[never]" not in f.read()
-  except OSError:
-    return False
-
-
 def _run(env):
   clean = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "VIDSIM_HUGEPAGES")}
   return subprocess.run([sys.executable, "-c", CHECK], env={**clean, **env}, capture_output=True, text=True, check=True)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or not _thp_enabled(), reason="needs Linux with THP")
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not malloc.thp_enabled(), reason="needs Linux with THP")
 def test_reexec_sets_the_tunable_once_and_keeps_the_users():
   assert _run({}).stdout.split() == ["True"]  # One line: the re-executed process, not two.
   kept = subprocess.run(

@@ -19,16 +19,21 @@ TUNABLE = "glibc.malloc.hugetlb=1"
 THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
-def _wanted(env) -> bool:
-  if not sys.platform.startswith("linux") or env.get("VIDSIM_HUGEPAGES", "1") == "0":
-    return False
-  if "glibc.malloc.hugetlb" in env.get("GLIBC_TUNABLES", ""):
-    return False  # Already set, by us (the re-executed process) or by the user.
+def thp_enabled() -> bool:
+  """Whether the kernel gives transparent huge pages to those who ask (madvise or always)."""
   try:
     with open(THP_MODE) as f:
       return "[never]" not in f.read()
   except OSError:
     return False
+
+
+def _wanted(env) -> bool:
+  if not sys.platform.startswith("linux") or env.get("VIDSIM_HUGEPAGES", "1") == "0":
+    return False
+  if "glibc.malloc.hugetlb" in env.get("GLIBC_TUNABLES", ""):
+    return False  # Already set, by us (the re-executed process) or by the user.
+  return thp_enabled()
 
 
 def tunables_with_hugepages(env) -> str:
@@ -51,4 +56,4 @@ def reexec_with_hugepages():
 
 def hugepages_active() -> bool:
   """Whether this process started with the tunable (for benchmark records)."""
-  return "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", "")
+  return TUNABLE in os.environ.get("GLIBC_TUNABLES", "")

@@ -1,10 +1,11 @@
 """Transformer pieces shared by the DiT and the byte text encoder.
 
 Attention (fused self-attention and cross-attention, both masked, through our
-einsum attention with its own backward or `jax.nn.dot_product_attention`), 3D RoPE over per-token (t, h, w) positions,
-QK-norm, GELU / SwiGLU MLPs, the sinusoidal timestep embedding, adaLN helpers and
-the scanned layer stack. Every parameter carries logical axis names (see
-config.mesh.rules); stacked layers get the extra leading "layers" axis.
+einsum attention with its own backward or `jax.nn.dot_product_attention`), 3D RoPE
+over per-token (t, h, w) positions, QK-norm, GELU / SwiGLU MLPs, the sinusoidal
+timestep embedding, adaLN helpers and the scanned layer stack. Every parameter
+carries logical axis names (see config.mesh.rules); stacked layers get the extra
+leading "layers" axis.
 """
 
 import math
@@ -159,6 +160,7 @@ def attend(q, k, v, bias, impl):
   return jax.nn.dot_product_attention(q, k, v, bias=bias.astype(q.dtype), implementation=impl)
 
 
+@jax.custom_vjp
 def einsum_attention(q, k, v, bias):
   """Softmax attention as two einsums (logits and softmax in fp32) with a
   FlashAttention-style backward (`_einsum_attention_bwd`).
@@ -169,17 +171,12 @@ def einsum_attention(q, k, v, bias):
   docs/benchmarks.md "## DiT"), and there is no fused CPU kernel.
   On GPU/TPU pick cudnn or xla/auto instead.
   """
-  return _einsum_attention(q, k, v, bias)
+  return _einsum_attention_fwd(q, k, v, bias)[0]
 
 
 def _logits(q, k, bias):
   scale = q.shape[-1] ** -0.5
   return jnp.einsum("rthd,rshd->rhts", q, k, preferred_element_type=jnp.float32) * scale + bias
-
-
-@jax.custom_vjp
-def _einsum_attention(q, k, v, bias):
-  return _einsum_attention_fwd(q, k, v, bias)[0]
 
 
 def _einsum_attention_fwd(q, k, v, bias):
@@ -214,7 +211,7 @@ def _einsum_attention_bwd(residuals, d_out):
   return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), None
 
 
-_einsum_attention.defvjp(_einsum_attention_fwd, _einsum_attention_bwd)
+einsum_attention.defvjp(_einsum_attention_fwd, _einsum_attention_bwd)
 
 
 class SelfAttention(nnx.Module):
