@@ -17,8 +17,10 @@ def test_report_shows_every_output_curves_and_measured_summary(tmp_path):
   (tmp_path / "vae" / "metrics.jsonl").write_text(
       "".join(json.dumps({"step": s, "loss": 1.0 / s, "psnr": 15 + s}) + "\n" for s in (10, 20)))
   (tmp_path / "vae" / "recon" / "val_psnr.jsonl").write_text('{"step": 20, "val_psnr": 21.9}\n')
+  held_out = {"val_loss": 0.6, "val_loss_t30": 0.57, "train_loss_t30": 0.31, "val_caption_gain_t30": 0.01}
   (tmp_path / "dit" / "metrics.jsonl").write_text(
-      "".join(json.dumps({"step": s, "loss": 2.0 - s / 100, "loss_t00_25": 1.0, "loss_tokens": 1900}) + "\n" for s in (10, 20)))
+      "".join(json.dumps({"step": s, "loss": 2.0 - s / 100, "loss_t00_25": 1.0, "loss_tokens": 1900}) + "\n" for s in (10, 20))
+      + json.dumps({"step": 25, **held_out}) + "\n")  # An eval off the logging grid: a row without "loss".
   frames = np.zeros((3, 8, 8, 3), np.uint8)
   items = []
   for task in ("t2v", "i2v <script>"):
@@ -36,6 +38,11 @@ def test_report_shows_every_output_curves_and_measured_summary(tmp_path):
   timestep_chart = page[page.index("DiT loss per timestep range"):]
   timestep_chart = timestep_chart[:timestep_chart.index("</svg>")]
   assert "loss_t00_25" in timestep_chart and "loss_tokens" not in timestep_chart  # A count would squash the losses.
+  held_out_chart = page[page.index("DiT loss at fixed noise"):]
+  held_out_chart = held_out_chart[:held_out_chart.index("</svg>")]
+  assert "val_loss_t30" in held_out_chart and "train_loss_t30" in held_out_chart
+  assert "caption_gain" not in held_out_chart
+  assert "At step 25, the loss at fixed noise on held-out vs training clips (EMA weights): t=0.30 0.570 vs 0.310" in page
   assert not (tmp_path / "report.html.tmp").exists()
 
 

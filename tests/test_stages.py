@@ -174,6 +174,49 @@ def test_dit_trains_on_the_cache_and_refuses_another_vaes_cache(trained_vae):
     manifest_path.write_text(original)
 
 
+def test_held_out_loss_is_logged_and_repeatable(trained_vae, repo_root, tmp_path):
+  import shutil
+
+  from vidsim.train import dit_eval
+  from vidsim.train.dit_loop import BATCH_KEYS, abstract_dit, train_dit
+
+  source, _ = trained_vae
+  mesh = mesh_lib.make_mesh(_tiny(repo_root))
+  # eval_every 2 and log_every 4: step 2 has an eval row of its own, step 4 (logged) merges both.
+  config = _tiny(repo_root, peak_flops_per_device=1e10,
+                 **{"train.eval_every": 2, "train.eval_batches": 1, "train.log_every": 4})
+  if not (source / "latents" / "manifest.json").exists():
+    latents_lib.encode_cache(config, source, mesh)
+  workdir = tmp_path / "work"
+  for stage in ("vae", "latents"):
+    shutil.copytree(source / stage, workdir / stage)
+  state = train_dit(config, workdir, mesh)
+
+  rows = {r["step"]: r for r in read_metrics(workdir / "dit" / "metrics.jsonl")}
+  assert sorted(rows) == [2, 4]
+  assert "loss" not in rows[2] and "loss" in rows[4]
+  names = [f"{kind}_{dit_eval.time_name(t)}" for t in dit_eval.EVAL_TIMES
+           for kind in ("val_loss", "train_loss", "val_caption_gain")]
+  for step in (2, 4):
+    assert all(np.isfinite(rows[step][k]) for k in names + ["val_loss"]), rows[step]
+    assert rows[step]["val_loss"] == pytest.approx(
+        np.mean([rows[step][f"val_loss_{dit_eval.time_name(t)}"] for t in dit_eval.EVAL_TIMES]))
+  assert rows[2]["val_loss_t90"] != rows[4]["val_loss_t90"]  # The EMA weights moved.
+
+  # Same weights, same batches and noise: the same numbers, from a hook built afresh.
+  with mesh_lib.activate(mesh, config):
+    graphdef = abstract_dit(config, mesh)[0]
+    manifest = latents_lib.load_manifest(workdir)
+    hook = dit_eval.HeldOutLoss(config, workdir, mesh, graphdef, manifest, BATCH_KEYS)
+    again = hook(state, 4)
+  for k in names:
+    assert again[k] == pytest.approx(rows[4][k], rel=1e-5, abs=1e-6), k
+
+  # A cache without the eval split turns the measure off with a warning, not an error.
+  no_val = dict(manifest, splits={"train": manifest["splits"]["train"]})
+  assert dit_eval.held_out_hooks(config, workdir, mesh, graphdef, no_val, BATCH_KEYS) == []
+
+
 def test_sigterm_saves_at_the_next_step_and_exits_0_then_resumes(trained_vae, repo_root, tmp_path):
   _, config = trained_vae
   workdir = tmp_path / "preempted"

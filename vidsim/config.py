@@ -198,6 +198,8 @@ def base_config() -> ConfigDict:
   c.train.sample_every = 500  # Steps between sample videos (0 = off).
   c.train.sample_prompts = ("a red 3 moves right", "a blue 7 falls")  # Prompts for periodic samples.
   c.train.score_samples = 0  # moving_digits: also generate this many probe prompts and score them (0 = off).
+  c.train.eval_every = 500  # Steps between held-out losses (EMA, fixed batches and noise; 0 = off).
+  c.train.eval_batches = 2  # Packed batches of each split (eval and train) in that measure.
   c.train.max_nonfinite_steps = 5  # Stop after this many consecutive non-finite steps.
 
   # ---------------------------------------------------------------- checkpoints

@@ -57,10 +57,14 @@ def write_report(config, workdir, outputs, timings, quality_notes=None):
   parts.append(_chart("DiT loss", dit_rows, ["loss"]))
   t_keys = sorted({k for row in dit_rows for k in row if re.fullmatch(r"loss_t\d+_\d+", k)})
   parts.append(_chart("DiT loss per timestep range", dit_rows, t_keys))
+  held_out = sorted({k for row in dit_rows for k in row if re.fullmatch(r"(val|train)_loss_t\d+", k)})
+  if held_out:
+    parts.append(_chart("DiT loss at fixed noise, held-out vs train (EMA)", dit_rows, held_out))
   parts.append("</div>")
 
   parts.append("<h2>Metrics (last logged step)</h2>")
-  parts.append(_table({"VAE": vae_rows[-1] if vae_rows else {}, "DiT": dit_rows[-1] if dit_rows else {}}))
+  dit_logged = [row for row in dit_rows if "loss" in row]
+  parts.append(_table({"VAE": vae_rows[-1] if vae_rows else {}, "DiT": dit_logged[-1] if dit_logged else {}}))
   recon = sorted((workdir / "vae" / "recon").glob("*.gif")) if (workdir / "vae" / "recon").exists() else []
   if recon:
     parts.append("<h2>VAE reconstructions (input left, reconstruction right)</h2>")
@@ -169,11 +173,20 @@ def _honest_summary(config, workdir, vae_rows, dit_rows, val_psnr, quality_notes
   elif val_psnr:
     lines.append(f"The VAE trained {val_psnr[-1]['step']} steps and reconstructs a validation batch at "
                  f"{val_psnr[-1]['val_psnr']:.1f} dB PSNR {vae_note}")
-  if dit_rows:
-    first, last = dit_rows[0], dit_rows[-1]
+  train_rows = [row for row in dit_rows if "loss" in row]  # Held-out evals may have rows of their own.
+  if train_rows:
+    first, last = train_rows[0], train_rows[-1]
     lines.append(f"The DiT trained {last['step']} steps of {config.train.steps}; its flow loss went from "
                  f"{first['loss']:.3f} to {last['loss']:.3f} (predicting zero velocity scores 2.0 on unit-scale "
                  "latents).")
+  held_out = [row for row in dit_rows if "val_loss" in row]
+  if held_out:
+    row = held_out[-1]
+    pairs = sorted(k[len("val_loss_"):] for k in row if re.fullmatch(r"val_loss_t\d+", k) and f"train_loss_{k[9:]}" in row)
+    lines.append(f"At step {row['step']}, the loss at fixed noise on held-out vs training clips (EMA weights): "
+                 + ", ".join(f"t=0.{name[1:]} {row[f'val_loss_{name}']:.3f} vs {row[f'train_loss_{name}']:.3f}"
+                             for name in pairs)
+                 + " (a held-out loss well above the training one means the model memorises its clips).")
   for note in quality_notes or []:
     lines.append(note)
   if not quality_notes:

@@ -21,7 +21,7 @@ from vidsim.errors import UsageError
 from vidsim.log import get_logger
 from vidsim.models import dit as dit_lib
 from vidsim.models import flops as flops_lib
-from vidsim.train import loop, optim
+from vidsim.train import dit_eval, loop, optim
 
 log = get_logger("dit")
 
@@ -107,7 +107,9 @@ def train_dit(config, workdir, mesh):
         max_nonfinite_steps=tc.max_nonfinite_steps, init_state=init_state,
         state_shardings=state_shardings, train_step=train_step, data_iter=train_data,
         to_global=to_global, batch_cost=batch_cost,
-        summarize_units=packing_efficiency, every=sample_hooks(config, workdir, mesh, graphdef),
+        summarize_units=packing_efficiency,
+        every=dit_eval.held_out_hooks(config, workdir, mesh, graphdef, manifest, BATCH_KEYS)
+        + sample_hooks(config, workdir, mesh, graphdef),
     )
     return loop.run(spec, config, workdir, mesh)
 

@@ -46,7 +46,7 @@ class StageSpec:
   data_iter: Any  # grain DatasetIterator of host-local batches (checkpointed).
   to_global: Callable  # host-local batch -> dict of global jax.Arrays for the step.
   batch_cost: Callable  # host-local batch -> (model FLOPs of the global step, dict of its counts, e.g. clips).
-  every: list = dataclasses.field(default_factory=list)  # [(k, fn(state, step))] periodic hooks.
+  every: list = dataclasses.field(default_factory=list)  # [(k, fn(state, step) -> metrics dict or None)] periodic hooks.
   before_final_save: Optional[Callable] = None  # state -> state at the last step (e.g. latent stats).
   summarize_units: Optional[Callable] = None  # summed counts since the last log -> extra metrics.
 
@@ -129,13 +129,16 @@ def run(spec: StageSpec, config, workdir, mesh):
               f"The last good checkpoint is step {checkpointer.latest_step()} in {checkpointer.directory}. "
               "Lower the learning rate or check the data."
           )
-        if step % spec.log_every == 0 or step == spec.steps:
-          metrics = _log_row(step_metrics, state, window, peak, spec.summarize_units)
-          metrics_writer.write(step, metrics)
-          bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+        hook_metrics = {}
         for every, hook in spec.every:
           if every and step % every == 0:
-            hook(state, step)
+            hook_metrics.update(hook(state, step) or {})
+        if step % spec.log_every == 0 or step == spec.steps:
+          metrics = {**_log_row(step_metrics, state, window, peak, spec.summarize_units), **hook_metrics}
+          metrics_writer.write(step, metrics)
+          bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+        elif hook_metrics:  # An eval off the logging grid gets a row of its own.
+          metrics_writer.write(step, hook_metrics)
 
         if step == spec.steps and spec.before_final_save is not None:
           state = spec.before_final_save(state)

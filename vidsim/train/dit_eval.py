@@ -1,0 +1,116 @@
+"""The DiT's loss on held-out latents, next to the same measure on training latents.
+
+The training loss draws fresh times and noise every step and mixes all timesteps, so
+it cannot tell learning from memorising. This hook measures, with the EMA weights
+(what sampling uses), the flow loss on the same few packed batches every time:
+  - of the held-out split (data.eval_split) and of the training split,
+  - with every real token noised to each time in EVAL_TIMES, with the same noise,
+  - with the caption, and (held-out only) with the null caption of CFG.
+Metrics, logged to metrics.jsonl and TensorBoard at train.eval_every:
+  val_loss_tXX, train_loss_tXX   a gap that grows while train falls = memorising;
+  val_loss                       their mean over EVAL_TIMES (the headline);
+  val_caption_gain_tXX           null-caption loss minus caption loss: how much the
+                                 prompt tells the model at that noise level.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vidsim import flow
+from vidsim import latents as latents_lib
+from vidsim import mesh as mesh_lib
+from vidsim.log import get_logger
+
+log = get_logger("dit_eval")
+EVAL_TIMES = (0.3, 0.6, 0.9)
+
+
+def time_name(t: float) -> str:
+  return f"t{int(round(t * 100)):02d}"
+
+
+def fixed_batches(config, workdir, split, manifest, count: int) -> list:
+  """The first `count` packed batches (this process's rows) of a split, in a fixed order
+  with fixed latent samples: the same on every call."""
+  dataset = latents_lib.packed_latents(config, workdir, split, manifest, seed=config.seed)
+  iterator = iter(dataset)
+  batches = [next(iterator) for _ in range(count)]
+  if hasattr(iterator, "close"):  # Stops grain's prefetch thread now, not at interpreter exit.
+    iterator.close()
+  return batches
+
+
+def make_loss_fn(graphdef):
+  """(params, global batch, key) -> {(time, caption_dropped): mean flow loss over real tokens}."""
+
+  def losses(params, batch, key):
+    model = nnx.merge(graphdef, params)
+    x0 = batch["tokens"]
+    real = batch["segment_ids"] > 0
+    eps = jax.random.normal(key, x0.shape, x0.dtype)
+    text = {k: batch[k] for k in ("text_tokens", "text_embeddings", "text_mask") if k in batch}
+    slots = (x0.shape[0], batch["segment_frames"].shape[1])
+    out = {}
+    for t in EVAL_TIMES:
+      t_tokens = jnp.where(real, t, 0.0)
+      x_t = flow.noise_tokens(x0, eps, t_tokens)
+      for dropped in (False, True):
+        v = model(x_t, t_tokens, batch["positions"], batch["segment_ids"], text, jnp.full(slots, dropped))
+        out[(t, dropped)] = flow.flow_loss(v, eps - x0, real, t_tokens)[0]
+    return out
+
+  return losses
+
+
+class HeldOutLoss:
+  """The train loop's hook (state, step) -> metrics; see the module docstring."""
+
+  def __init__(self, config, workdir, mesh, graphdef, manifest, batch_keys):
+    self.mesh, self.config = mesh, config
+    count = config.train.eval_batches
+    self.batches = {
+        "val": fixed_batches(config, workdir, config.data.eval_split, manifest, count),
+        "train": fixed_batches(config, workdir, config.data.train_split, manifest, count),
+    }
+    self.batch_keys = batch_keys
+    self.losses = jax.jit(make_loss_fn(graphdef))
+
+  def _mean_losses(self, params, host_batches):
+    totals = {}
+    for i, host_batch in enumerate(host_batches):
+      arrays = {k: host_batch[k] for k in self.batch_keys if k in host_batch}
+      batch = mesh_lib.make_global_batch(arrays, self.mesh, self.config)
+      values = mesh_lib.to_host(self.losses(params, batch, jax.random.key(i)))
+      for k, v in values.items():
+        totals[k] = totals.get(k, 0.0) + float(v) / len(host_batches)
+    return totals
+
+  def __call__(self, state, step) -> dict:
+    params = state["ema"]
+    val = self._mean_losses(params, self.batches["val"])
+    train = self._mean_losses(params, self.batches["train"])
+    metrics = {}
+    for t in EVAL_TIMES:
+      name = time_name(t)
+      metrics[f"val_loss_{name}"] = val[(t, False)]
+      metrics[f"train_loss_{name}"] = train[(t, False)]
+      metrics[f"val_caption_gain_{name}"] = val[(t, True)] - val[(t, False)]
+    metrics["val_loss"] = float(np.mean([val[(t, False)] for t in EVAL_TIMES]))
+    log.info("step %d: held-out loss (EMA, fixed noise) %s; train %s", step,
+             " ".join(f"{time_name(t)} {val[(t, False)]:.4f}" for t in EVAL_TIMES),
+             " ".join(f"{time_name(t)} {train[(t, False)]:.4f}" for t in EVAL_TIMES))
+    return metrics
+
+
+def held_out_hooks(config, workdir, mesh, graphdef, manifest, batch_keys) -> list:
+  """[(train.eval_every, HeldOutLoss)], or [] when off or the cache lacks the eval split."""
+  tc = config.train
+  if not tc.eval_every or tc.eval_batches < 1:
+    return []
+  if config.data.eval_split not in manifest["splits"]:
+    log.warning("train.eval_every is set but the latent cache has no %r split (it has %s): no held-out loss",
+                config.data.eval_split, sorted(manifest["splits"]))
+    return []
+  return [(tc.eval_every, HeldOutLoss(config, workdir, mesh, graphdef, manifest, batch_keys))]
