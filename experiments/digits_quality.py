@@ -34,6 +34,9 @@ from vidsim.config import load_config
 
 def get_config():
   c = load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits_vae.py"))
+  # 2,000 scenes let the DiT memorise them: at 4,500 steps its loss at t = 0.3 was 0.31 on
+  # train and 0.57 on validation. The world is procedural, so draw 15x more.
+  c.moving_digits.train_examples = 30000
   # DiT: latents of 9x32x32 clips are 3x8x8x8; patches of 1x2x2 give 48 tokens a clip.
   c.dit.width = 256
   c.dit.depth = 6
