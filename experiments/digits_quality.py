@@ -1,7 +1,7 @@
 """Sample quality on the embedded world within about 2 hours of a 2-core CPU.
 
-The VAE is experiments/digits_vae.py's (same keys, so the same weights and latent
-statistics); the DiT is sized so that a few thousand steps fit the remaining budget.
+The VAE is experiments/digits_vae.py's recipe, trained on this config's 30,000 scenes;
+the DiT is sized so that a few thousand steps fit the remaining budget.
 
 Command:
   vidsim data prepare --config experiments/digits_quality.py
@@ -12,19 +12,18 @@ Command:
       --prompt "a red 3 moves right" --out red3.mp4
   (or `vidsim demo --config experiments/digits_quality.py --workdir runs/digits_quality`,
   which runs every stage, every task and writes report.html)
-Expected runtime: at most about 2 hours on a 2-core CPU; measured about 110 min. VAE
-19.1 min (digits_vae.py's run, session 3), latent cache 20 s, DiT 4,500 steps 89.4 min
-(session 4: 95.9 min of wall time less 6.5 min with the run paused for benchmarks;
-~1.19 s a step with the sample hook every 500 steps),
-every sampling task 12 s, the probe 6 s.
-Expected result, measured at 4,500 steps: digit-like moving glyphs in the prompt's
-colour, but NOT yet reliably the prompt's digit or direction; the glyph's shape
-changes from frame to frame. Probe scores (W/dit/samples/scores.jsonl, 40 prompts):
-colour 40/40, digit 12/40 (chance 4/40), direction 11/40 (2/40 at step 500, 5/40 at
-2,000); the scorer reads true clips at digit 0.92, direction 0.89. What is missing is
-the high-noise part (SDEdit from time 0.3 keeps digit 0.83 and direction 0.92):
-docs/generate.md ("What the outputs look like") has the stills, commands and that
-diagnosis.
+Expected runtime: at most about 2 hours on a 2-core CPU; measured 110.6 min from an
+empty workdir (session 5): data 31 s, VAE 16.7 min, latent cache 96 s, DiT 4,500 steps
+92.0 min (~1.2 s a step with the sample hook every 500 steps), every sampling task
+12 s, the probe 5 s.
+Expected result, measured at 4,500 steps: moving digit-like glyphs in the prompt's
+colour, but NOT yet reliably the prompt's digit or direction. Probe scores
+(W/dit/samples/scores.jsonl, 40 prompts): colour 40/40, digit 16/40 (chance 4/40;
+still rising steeply: 4/40 at 2,000, 8 at 3,000, 13 at 4,000), direction 7/40; the
+scorer reads true clips at digit 0.92, direction 0.89. Held-out flow loss at t=0.3
+0.403 vs 0.387 on training clips (with 2,000 scenes: 0.568 vs 0.311, digit 12/40).
+docs/generate.md ("What the outputs look like") has both runs, the stills, commands
+and the diagnosis.
 """
 
 import os
