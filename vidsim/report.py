@@ -41,7 +41,8 @@ def write_report(config, workdir, outputs, timings, quality_notes=None):
                f"Stage times of this invocation (a re-run skips finished work): {', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}.</p>")
 
   parts.append("<h2>How good is this?</h2><div class='honest'>")
-  parts.append(_honest_summary(config, workdir, vae_rows, dit_rows, val_psnr, quality_notes))
+  dit_logged = [row for row in dit_rows if "loss" in row]  # Held-out evals may have rows of their own.
+  parts.append(_honest_summary(config, workdir, vae_rows, dit_rows, dit_logged, val_psnr, quality_notes))
   parts.append("</div>")
 
   parts.append("<h2>Generated videos</h2><div class='grid'>")
@@ -63,7 +64,6 @@ def write_report(config, workdir, outputs, timings, quality_notes=None):
   parts.append("</div>")
 
   parts.append("<h2>Metrics (last logged step)</h2>")
-  dit_logged = [row for row in dit_rows if "loss" in row]
   parts.append(_table({"VAE": vae_rows[-1] if vae_rows else {}, "DiT": dit_logged[-1] if dit_logged else {}}))
   recon = sorted((workdir / "vae" / "recon").glob("*.gif")) if (workdir / "vae" / "recon").exists() else []
   if recon:
@@ -159,7 +159,7 @@ def _fmt(value):
   return html.escape(str(value))
 
 
-def _honest_summary(config, workdir, vae_rows, dit_rows, val_psnr, quality_notes):
+def _honest_summary(config, workdir, vae_rows, dit_rows, dit_logged, val_psnr, quality_notes):
   lines = []
   from vidsim.train.vae_loop import eval_path
 
@@ -173,16 +173,15 @@ def _honest_summary(config, workdir, vae_rows, dit_rows, val_psnr, quality_notes
   elif val_psnr:
     lines.append(f"The VAE trained {val_psnr[-1]['step']} steps and reconstructs a validation batch at "
                  f"{val_psnr[-1]['val_psnr']:.1f} dB PSNR {vae_note}")
-  train_rows = [row for row in dit_rows if "loss" in row]  # Held-out evals may have rows of their own.
-  if train_rows:
-    first, last = train_rows[0], train_rows[-1]
+  if dit_logged:
+    first, last = dit_logged[0], dit_logged[-1]
     lines.append(f"The DiT trained {last['step']} steps of {config.train.steps}; its flow loss went from "
                  f"{first['loss']:.3f} to {last['loss']:.3f} (predicting zero velocity scores 2.0 on unit-scale "
                  "latents).")
   held_out = [row for row in dit_rows if "val_loss" in row]
   if held_out:
     row = held_out[-1]
-    pairs = sorted(k[len("val_loss_"):] for k in row if re.fullmatch(r"val_loss_t\d+", k) and f"train_loss_{k[9:]}" in row)
+    pairs = sorted(k[len("val_loss_"):] for k in row if re.fullmatch(r"val_loss_t\d+", k) and f"train_loss_{k[len('val_loss_'):]}" in row)
     lines.append(f"At step {row['step']}, the loss at fixed noise on held-out vs training clips (EMA weights): "
                  + ", ".join(f"t=0.{name[1:]} {row[f'val_loss_{name}']:.3f} vs {row[f'train_loss_{name}']:.3f}"
                              for name in pairs)
