@@ -66,6 +66,36 @@ def test_caption_names_labels_colours_and_motion():
   assert any(word in caption for word in ("moves", "falls", "rises"))
 
 
+def test_inside_paths_keep_the_caption_true_for_the_whole_clip():
+  flips = 0
+  for seed in range(40):
+    _, bounce_caption, bounce = _scene(seed, max_digits=1)
+    _, caption, meta = _scene(seed, max_digits=1, paths="inside")
+    (digit,), (bounced,) = meta["digits"], bounce["digits"]
+    # The same random draws: same digit, colour and velocity, so the same caption; only the start moves.
+    assert caption == bounce_caption and digit["velocity"] == bounced["velocity"]
+    assert digit["instance"] == bounced["instance"]
+    steps = np.diff(np.asarray(digit["positions"]), axis=0)
+    velocity = np.asarray(digit["velocity"])
+    # 9 frames at <= 2.5 px/frame fit in 32 - 12 pixels: no axis ever reverses.
+    assert np.all(steps * np.sign(velocity) >= 0), (seed, digit["positions"])
+    flips += bool(np.any(np.diff(np.asarray(bounced["positions"]), axis=0) * np.sign(velocity) < 0))
+  assert flips > 5  # ... where paths that start anywhere often bounce.
+
+
+def test_inside_paths_longer_than_the_frame_start_at_the_edge_behind():
+  for seed in range(10):
+    _, _, meta = _scene(seed, frames=33, max_digits=1, paths="inside", speed=(2.0, 2.5))
+    (digit,) = meta["digits"]
+    vy, vx = digit["velocity"]
+    y, x = digit["positions"][0]
+    # The longer axis of travel cannot fit: it starts at the edge it moves away from.
+    if abs(vx) * 32 > 20:
+      assert x == (0 if vx > 0 else 20)
+    if abs(vy) * 32 > 20:
+      assert y == (0 if vy > 0 else 20)
+
+
 def test_images_and_any_aspect_ratio():
   image, caption, meta = _scene(0, frames=1, height=40, width=24)
   assert image.shape == (1, 40, 24, 3) and meta["digits"][0]["visible_fraction"] == [1.0]
@@ -86,3 +116,5 @@ def test_bad_sizes_are_usage_errors():
     _scene(0, height=8, width=32, digit_size=12)
   with pytest.raises(UsageError, match="colors"):
     _scene(0, colors=("purple",))
+  with pytest.raises(UsageError, match="paths='straight'; valid: bounce, inside"):
+    _scene(0, paths="straight")

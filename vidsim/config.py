@@ -90,6 +90,9 @@ def base_config() -> ConfigDict:
   c.moving_digits.digit_size = 12  # Side of a digit sprite in pixels (8x8 sklearn digits upscaled).
   c.moving_digits.max_digits = 2  # Each scene has 1..max_digits digits.
   c.moving_digits.speed = (0.5, 2.5)  # Range of digit speed in pixels per frame.
+  # "bounce": starts anywhere, fast digits bounce early; "inside": paths stay in the frame
+  # so the caption's direction holds for the whole clip (moving_digits.render_scene).
+  c.moving_digits.paths = "bounce"
   c.moving_digits.colors = ("red", "green", "blue", "yellow", "cyan", "magenta", "white", "orange")  # Digit colours.
   c.moving_digits.occlusion_shape = (13, 32, 48)  # (frames, height, width) of occlusion scenes (room to pass behind).
   c.moving_digits.occluder_width = 14  # Width of the grey bar; >= digit_size so digits can hide fully.

@@ -176,7 +176,7 @@ def reference(frames: int, height: int, width: int, md, count: int = 100) -> dic
   for i in range(count):
     video, caption, _ = moving_digits.render_scene(
         np.random.default_rng(10_000 + i), split="validation", frames=frames, height=height, width=width,
-        digit_size=md.digit_size, max_digits=1, speed=tuple(md.speed), colors=tuple(md.colors))
+        digit_size=md.digit_size, max_digits=1, speed=tuple(md.speed), colors=tuple(md.colors), paths=md.paths)
     videos.append(video)
     captions.append(caption)
   return score(videos, captions, md.digit_size)

@@ -585,7 +585,7 @@ def _demo_scene(config, seed, frames, height, width):
   md = config.moving_digits
   video, caption, _ = moving_digits.render_scene(
       np.random.default_rng(seed), split=config.data.eval_split, frames=frames, height=height, width=width,
-      digit_size=md.digit_size, max_digits=1, speed=tuple(md.speed), colors=tuple(md.colors))
+      digit_size=md.digit_size, max_digits=1, speed=tuple(md.speed), colors=tuple(md.colors), paths=md.paths)
   return video, caption
 
 

@@ -60,6 +60,19 @@ def sprite(instance: int, size: int) -> np.ndarray:
   return np.asarray(image.resize((size, size), Image.BICUBIC), np.float32) / 255.0
 
 
+PATHS = ("bounce", "inside")
+
+
+def _start_inside(fraction, velocity, frames, limit):
+  """The start at `fraction` of the range of starts whose straight path of `frames`
+  frames stays inside [0, limit]; the edge behind the digit when none does."""
+  travel = velocity * (frames - 1)
+  low, high = max(0.0, -travel), min(float(limit), limit - travel)
+  if low > high:
+    return 0.0 if velocity > 0 else float(limit)
+  return low + fraction * (high - low)
+
+
 def _bounce(start, velocity, frames, limit):
   """Per-frame positions of a point moving at constant velocity inside [0, limit]."""
   positions, p, v = [], float(start), float(velocity)
@@ -121,13 +134,22 @@ def render_scene(
     speed=(0.5, 2.5),
     colors=tuple(COLORS),
     occluder_width: int = 0,
+    paths: str = "bounce",
 ):
   """One scene: (video uint8 [frames, height, width, 3], caption str, metadata dict).
+
+  paths: "bounce" draws each digit's start anywhere, so a fast digit often bounces off
+  an edge early and spends most of the clip moving against its caption (which names the
+  start velocity); "inside" draws the start so the straight path stays in the frame for
+  the whole clip (from the edge behind it when the path is longer than the frame), so
+  the caption's direction holds for the whole clip. Both draw the same random numbers.
 
   occluder_width > 0 adds a vertical grey bar in the middle that digits pass behind
   (drawn over them); each digit's path is aimed so it is fully hidden at some frame
   when the bar is at least as wide as the sprite.
   """
+  if paths not in PATHS:
+    raise UsageError(f"moving_digits.paths={paths!r}; valid: {', '.join(PATHS)}")
   if min(height, width) < digit_size:
     raise UsageError(f"moving_digits: frame {height}x{width} is smaller than digit_size={digit_size}")
   unknown = [c for c in colors if c not in COLORS]
@@ -151,6 +173,8 @@ def render_scene(
     angle = rng.uniform(0, 2 * np.pi)
     vy, vx = speed_d * np.sin(angle), speed_d * np.cos(angle)
     y0, x0 = rng.uniform(0, ylim), rng.uniform(0, xlim)
+    if paths == "inside":
+      y0, x0 = _start_inside(y0 / max(ylim, 1), vy, frames, ylim), _start_inside(x0 / max(xlim, 1), vx, frames, xlim)
     if occluder is not None and frames > 2:
       # Horizontal pass behind the bar: centred behind it at frame `hide`, as fast as the
       # frame allows, so it enters visible on one side and comes out on the other.

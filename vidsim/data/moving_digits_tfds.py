@@ -78,6 +78,7 @@ def world_params(config) -> dict:
       mixed_shapes=[list(map(int, s)) for s in md.mixed_shapes], digit_size=int(md.digit_size),
       max_digits=int(md.max_digits), speed=[float(s) for s in md.speed], colors=list(md.colors),
       occlusion_shape=list(map(int, md.occlusion_shape)), occluder_width=int(md.occluder_width),
+      paths=str(md.paths),
   )
 
 
@@ -108,7 +109,7 @@ def render_example(preset: str, params: dict, split: str, index: int):
   return moving_digits.render_scene(
       rng, split=split, frames=frames, height=height, width=width, digit_size=params["digit_size"],
       max_digits=params["max_digits"], speed=params["speed"], colors=tuple(params["colors"]),
-      occluder_width=occluder_width,
+      occluder_width=occluder_width, paths=params["paths"],
   )
 
 
