@@ -178,7 +178,7 @@ def test_held_out_loss_is_logged_and_repeatable(trained_vae, repo_root, tmp_path
   import shutil
 
   from vidsim.train import dit_eval
-  from vidsim.train.dit_loop import BATCH_KEYS, abstract_dit, train_dit
+  from vidsim.train.dit_loop import abstract_dit, train_dit
 
   source, _ = trained_vae
   mesh = mesh_lib.make_mesh(_tiny(repo_root))
@@ -207,14 +207,14 @@ def test_held_out_loss_is_logged_and_repeatable(trained_vae, repo_root, tmp_path
   with mesh_lib.activate(mesh, config):
     graphdef = abstract_dit(config, mesh)[0]
     manifest = latents_lib.load_manifest(workdir)
-    hook = dit_eval.HeldOutLoss(config, workdir, mesh, graphdef, manifest, BATCH_KEYS)
+    hook = dit_eval.HeldOutLoss(config, workdir, mesh, graphdef, manifest)
     again = hook(state, 4)
   for k in names:
     assert again[k] == pytest.approx(rows[4][k], rel=1e-5, abs=1e-6), k
 
   # A cache without the eval split turns the measure off with a warning, not an error.
   no_val = dict(manifest, splits={"train": manifest["splits"]["train"]})
-  assert dit_eval.held_out_hooks(config, workdir, mesh, graphdef, no_val, BATCH_KEYS) == []
+  assert dit_eval.held_out_hooks(config, workdir, mesh, graphdef, no_val) == []
 
 
 def test_sigterm_saves_at_the_next_step_and_exits_0_then_resumes(trained_vae, repo_root, tmp_path):

@@ -47,6 +47,19 @@ from vidsim.errors import UsageError
 
 # Per-segment text features of each text encoder (K slots per row).
 _TEXT_FEATURES = {"bytes": ("text_tokens", "text_mask"), "precomputed": ("text_embeddings", "text_mask")}
+TEXT_KEYS = ("text_tokens", "text_embeddings", "text_mask")
+# The keys of a packed batch that go to the devices (the model and the loss read them).
+MODEL_KEYS = ("tokens", "positions", "segment_ids", "segment_frames") + TEXT_KEYS
+
+
+def model_inputs(host_batch) -> dict:
+  """The device-bound arrays of a host batch (MODEL_KEYS that are present)."""
+  return {k: host_batch[k] for k in MODEL_KEYS if k in host_batch}
+
+
+def text_inputs(batch) -> dict:
+  """The text features of a batch, whichever text encoder made them: the model's `text` argument."""
+  return {k: batch[k] for k in TEXT_KEYS if k in batch}
 
 
 def kept_patch_frames(shape, patch_size, row_tokens: int):

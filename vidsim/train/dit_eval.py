@@ -21,6 +21,7 @@ from flax import nnx
 from vidsim import flow
 from vidsim import latents as latents_lib
 from vidsim import mesh as mesh_lib
+from vidsim.data import packing
 from vidsim.log import get_logger
 
 log = get_logger("dit_eval")
@@ -50,7 +51,7 @@ def make_loss_fn(graphdef):
     x0 = batch["tokens"]
     real = batch["segment_ids"] > 0
     eps = jax.random.normal(key, x0.shape, x0.dtype)
-    text = {k: batch[k] for k in ("text_tokens", "text_embeddings", "text_mask") if k in batch}
+    text = packing.text_inputs(batch)
     slots = (x0.shape[0], batch["segment_frames"].shape[1])
     out = {}
     for t in EVAL_TIMES:
@@ -67,21 +68,19 @@ def make_loss_fn(graphdef):
 class HeldOutLoss:
   """The train loop's hook (state, step) -> metrics; see the module docstring."""
 
-  def __init__(self, config, workdir, mesh, graphdef, manifest, batch_keys):
+  def __init__(self, config, workdir, mesh, graphdef, manifest):
     self.mesh, self.config = mesh, config
     count = config.train.eval_batches
     self.batches = {
         "val": fixed_batches(config, workdir, config.data.eval_split, manifest, count),
         "train": fixed_batches(config, workdir, config.data.train_split, manifest, count),
     }
-    self.batch_keys = batch_keys
     self.losses = jax.jit(make_loss_fn(graphdef))
 
   def _mean_losses(self, params, host_batches):
     totals = {}
     for i, host_batch in enumerate(host_batches):
-      arrays = {k: host_batch[k] for k in self.batch_keys if k in host_batch}
-      batch = mesh_lib.make_global_batch(arrays, self.mesh, self.config)
+      batch = mesh_lib.make_global_batch(packing.model_inputs(host_batch), self.mesh, self.config)
       values = mesh_lib.to_host(self.losses(params, batch, jax.random.key(i)))
       for k, v in values.items():
         totals[k] = totals.get(k, 0.0) + float(v) / len(host_batches)
@@ -104,7 +103,7 @@ class HeldOutLoss:
     return metrics
 
 
-def held_out_hooks(config, workdir, mesh, graphdef, manifest, batch_keys) -> list:
+def held_out_hooks(config, workdir, mesh, graphdef, manifest) -> list:
   """[(train.eval_every, HeldOutLoss)], or [] when off or the cache lacks the eval split."""
   tc = config.train
   if not tc.eval_every or tc.eval_batches < 1:
@@ -113,4 +112,4 @@ def held_out_hooks(config, workdir, mesh, graphdef, manifest, batch_keys) -> lis
     log.warning("train.eval_every is set but the latent cache has no %r split (it has %s): no held-out loss",
                 config.data.eval_split, sorted(manifest["splits"]))
     return []
-  return [(tc.eval_every, HeldOutLoss(config, workdir, mesh, graphdef, manifest, batch_keys))]
+  return [(tc.eval_every, HeldOutLoss(config, workdir, mesh, graphdef, manifest))]

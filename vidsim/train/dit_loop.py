@@ -17,6 +17,7 @@ from jax.experimental import multihost_utils
 from vidsim import flow
 from vidsim import latents as latents_lib
 from vidsim import mesh as mesh_lib
+from vidsim.data import packing
 from vidsim.errors import UsageError
 from vidsim.log import get_logger
 from vidsim.models import dit as dit_lib
@@ -26,7 +27,6 @@ from vidsim.train import dit_eval, loop, optim
 log = get_logger("dit")
 
 STAGE = "dit"
-BATCH_KEYS = ("tokens", "positions", "segment_ids", "segment_frames", "text_tokens", "text_embeddings", "text_mask")
 
 
 def run_train(args, config):
@@ -88,8 +88,7 @@ def train_dit(config, workdir, mesh):
 
     # ------------------------------------------------------------ batches onto the mesh, and their cost
     def to_global(host_batch):
-      arrays = {k: host_batch[k] for k in BATCH_KEYS if k in host_batch}
-      return mesh_lib.make_global_batch(arrays, mesh, config)
+      return mesh_lib.make_global_batch(packing.model_inputs(host_batch), mesh, config)
 
     def batch_cost(host_batch):
       # Each process holds different rows (other segment lengths, other padding), so the
@@ -108,7 +107,7 @@ def train_dit(config, workdir, mesh):
         state_shardings=state_shardings, train_step=train_step, data_iter=train_data,
         to_global=to_global, batch_cost=batch_cost,
         summarize_units=packing_efficiency,
-        every=dit_eval.held_out_hooks(config, workdir, mesh, graphdef, manifest, BATCH_KEYS)
+        every=dit_eval.held_out_hooks(config, workdir, mesh, graphdef, manifest)
         + sample_hooks(config, workdir, mesh, graphdef),
     )
     return loop.run(spec, config, workdir, mesh)
@@ -135,7 +134,7 @@ def make_train_step(config, graphdef, optimizer):
     inputs = flow.flow_training_inputs(rng, batch, config)
     model = nnx.merge(graphdef, params)
     v_pred = model(inputs["x_t"], inputs["t"], batch["positions"], batch["segment_ids"],
-                   text_inputs(batch), inputs["drop_text"])
+                   packing.text_inputs(batch), inputs["drop_text"])
     return flow.flow_loss(v_pred, inputs["v_target"], inputs["loss_mask"], inputs["t"])
 
   def train_step(state, batch):
@@ -145,10 +144,6 @@ def make_train_step(config, graphdef, optimizer):
     return state, {**metrics, **stats}
 
   return train_step
-
-
-def text_inputs(batch):
-  return {k: batch[k] for k in ("text_tokens", "text_embeddings", "text_mask") if k in batch}
 
 
 def accumulate_gradients(loss_fn, params, batch, rng, steps: int):
