@@ -168,3 +168,17 @@ def test_a_timestep_range_without_tokens_is_left_out_of_the_logged_row():
   row = loop._log_row(metrics, state, loop._Window(), peak=1.0)
   assert "loss_t00_25" not in row and row["tokens_t00_25"] == 0
   assert row["loss_t25_50"] == pytest.approx(0.8)
+
+
+def test_hook_time_is_not_step_time(tmp_path):
+  import time
+
+  config = _config(steps=8, checkpoint_every=100)
+  mesh = mesh_lib.make_mesh(config)
+  spec = _spec(config, mesh)
+  # A slow hook at steps 2 and 6: the logged step times (windows 2-4 and 6-8) must not include it.
+  spec.every = [(2, lambda state, step: time.sleep(1.0) if step in (2, 6) else None)]
+  loop.run(spec, config, tmp_path, mesh)
+  rows = read_metrics(tmp_path / "toy" / "metrics.jsonl")
+  assert [r["step"] for r in rows] == [2, 4, 6, 8]
+  assert rows[1]["step_time_s"] < 0.3 and rows[3]["step_time_s"] < 0.3, rows

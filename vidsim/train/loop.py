@@ -143,8 +143,11 @@ def run(spec: StageSpec, config, workdir, mesh):
         if step == spec.steps and spec.before_final_save is not None:
           state = spec.before_final_save(state)
         preempted = preemption.agreed(checkpointer, step)
-        if step % spec.checkpoint_every == 0 or step == spec.steps or preempted:
+        saving = step % spec.checkpoint_every == 0 or step == spec.steps or preempted
+        if saving:
           checkpointer.save(step, state, spec.data_iter, config_dict, metrics, force=True)
+        if saving or any(every and step % every == 0 for every, _ in spec.every):
+          timer.restart()  # Samples, evals and saves are not the step: step_time_s and MFU measure training.
         if preempted:
           checkpointer.wait()
           log.warning("%s: preempted (SIGTERM); saved step %d, exiting cleanly", spec.name, step)

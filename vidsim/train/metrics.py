@@ -122,3 +122,8 @@ class StepTimer:
     elapsed = None if self._last is None else now - self._last
     self._last = now
     return elapsed
+
+  def restart(self) -> None:
+    """The next lap starts now: work done since the last lap (hooks, checkpoint saves) is not step time."""
+    if self._last is not None:
+      self._last = time.perf_counter()
