@@ -96,6 +96,14 @@ def test_inside_paths_longer_than_the_frame_start_at_the_edge_behind():
       assert y == (0 if vy > 0 else 20)
 
 
+def test_counterfactual_captions_get_one_attribute_wrong():
+  assert moving_digits.flip_directions("a red 3 moves up and to the left while a blue 7 falls") == (
+      "a red 3 moves down and to the right while a blue 7 rises")
+  assert moving_digits.flip_directions("a green 0 slowly rises") == "a green 0 slowly falls"
+  assert moving_digits.change_digits("a red 3 moves left while a blue 7 falls") == "a red 8 moves left while a blue 2 falls"
+  assert set(moving_digits.COUNTERFACTUALS) == {"direction", "digit"}
+
+
 def test_images_and_any_aspect_ratio():
   image, caption, meta = _scene(0, frames=1, height=40, width=24)
   assert image.shape == (1, 40, 24, 3) and meta["digits"][0]["visible_fraction"] == [1.0]

@@ -17,7 +17,8 @@ def test_report_shows_every_output_curves_and_measured_summary(tmp_path):
   (tmp_path / "vae" / "metrics.jsonl").write_text(
       "".join(json.dumps({"step": s, "loss": 1.0 / s, "psnr": 15 + s}) + "\n" for s in (10, 20)))
   (tmp_path / "vae" / "recon" / "val_psnr.jsonl").write_text('{"step": 20, "val_psnr": 21.9}\n')
-  held_out = {"val_loss": 0.6, "val_loss_t30": 0.57, "train_loss_t30": 0.31, "val_caption_gain_t30": 0.01}
+  held_out = {"val_loss": 0.6, "val_loss_t30": 0.57, "train_loss_t30": 0.31, "val_caption_gain_t30": 0.01,
+              "val_direction_gain_t30": 0.0002, "val_digit_gain_t30": 0.0125}
   (tmp_path / "dit" / "metrics.jsonl").write_text(
       "".join(json.dumps({"step": s, "loss": 2.0 - s / 100, "loss_t00_25": 1.0, "loss_tokens": 1900}) + "\n" for s in (10, 20))
       + json.dumps({"step": 25, **held_out}) + "\n")  # An eval off the logging grid: a row without "loss".
@@ -43,6 +44,11 @@ def test_report_shows_every_output_curves_and_measured_summary(tmp_path):
   assert "val_loss_t30" in held_out_chart and "train_loss_t30" in held_out_chart
   assert "caption_gain" not in held_out_chart
   assert "At step 25, the loss at fixed noise on held-out vs training clips (EMA weights): t=0.30 0.570 vs 0.310" in page
+  gain_chart = page[page.index("What a wrong caption costs"):]
+  gain_chart = gain_chart[:gain_chart.index("</svg>")]
+  assert all(k in gain_chart for k in ("val_caption_gain_t30", "val_direction_gain_t30", "val_digit_gain_t30"))
+  assert ("At step 25 and t=0.30, the held-out loss rises by 0.0100 with no caption, 0.0125 with a wrong digit, "
+          "0.0002 with a wrong direction") in page
   assert not (tmp_path / "report.html.tmp").exists()
 
 

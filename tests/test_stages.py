@@ -196,7 +196,7 @@ def test_held_out_loss_is_logged_and_repeatable(trained_vae, repo_root, tmp_path
   assert sorted(rows) == [2, 4]
   assert "loss" not in rows[2] and "loss" in rows[4]
   names = [f"{kind}_{dit_eval.time_name(t)}" for t in dit_eval.EVAL_TIMES
-           for kind in ("val_loss", "train_loss", "val_caption_gain")]
+           for kind in ("val_loss", "train_loss", "val_caption_gain", "val_direction_gain", "val_digit_gain")]
   for step in (2, 4):
     assert all(np.isfinite(rows[step][k]) for k in names + ["val_loss"]), rows[step]
     assert rows[step]["val_loss"] == pytest.approx(
@@ -211,6 +211,15 @@ def test_held_out_loss_is_logged_and_repeatable(trained_vae, repo_root, tmp_path
     again = hook(state, 4)
   for k in names:
     assert again[k] == pytest.approx(rows[4][k], rel=1e-5, abs=1e-6), k
+
+  # Counterfactual captions change only the caption bytes; rewriting with the identity changes nothing.
+  batch = hook.batches["val"][0]
+  same = dit_eval.recaption(batch, lambda caption: caption)
+  np.testing.assert_array_equal(same["text_tokens"], batch["text_tokens"])
+  np.testing.assert_array_equal(same["text_mask"], batch["text_mask"])
+  flipped = hook.counterfactuals["direction"][0]
+  assert not np.array_equal(flipped["text_tokens"], batch["text_tokens"])
+  np.testing.assert_array_equal(flipped["tokens"], batch["tokens"])
 
   # A cache without the eval split turns the measure off with a warning, not an error.
   no_val = dict(manifest, splits={"train": manifest["splits"]["train"]})

@@ -61,6 +61,9 @@ def write_report(config, workdir, outputs, timings, quality_notes=None):
   held_out = sorted({k for row in dit_rows for k in row if re.fullmatch(r"(val|train)_loss_t\d+", k)})
   if held_out:
     parts.append(_chart("DiT loss at fixed noise, held-out vs train (EMA)", dit_rows, held_out))
+  gains = _caption_gain_keys(dit_rows)
+  if gains:
+    parts.append(_chart("What a wrong caption costs the DiT (held-out loss at the highest eval noise)", dit_rows, gains))
   parts.append("</div>")
 
   parts.append("<h2>Metrics (last logged step)</h2>")
@@ -106,6 +109,15 @@ def _card(workdir, item):
     body.append(f"<div>{html.escape(item['note'])}</div>")
   body.append("</div>")
   return "".join(body)
+
+
+def _caption_gain_keys(dit_rows) -> list:
+  """The held-out caption gains (dit_eval: no caption, wrong direction, wrong digit) at the highest eval time."""
+  keys = {k for row in dit_rows for k in row if re.fullmatch(r"val_\w+_gain_t\d+", k)}
+  if not keys:
+    return []
+  top = max(k.rsplit("_", 1)[1] for k in keys)
+  return sorted(k for k in keys if k.endswith("_" + top))
 
 
 def _chart(title, rows, keys, width=360, height=200):
@@ -186,6 +198,14 @@ def _honest_summary(config, workdir, vae_rows, dit_rows, dit_logged, val_psnr, q
                  + ", ".join(f"t=0.{name[1:]} {row[f'val_loss_{name}']:.3f} vs {row[f'train_loss_{name}']:.3f}"
                              for name in pairs)
                  + " (a held-out loss well above the training one means the model memorises its clips).")
+  gains = _caption_gain_keys(dit_rows)
+  if gains:
+    row = [r for r in dit_rows if gains[0] in r][-1]
+    what = lambda key: "no caption" if key.startswith("val_caption_") else f"a wrong {key.split('_')[1]}"
+    time = gains[0].rsplit("_", 1)[1]
+    lines.append(f"At step {row['step']} and t=0.{time[1:]}, the held-out loss rises by "
+                 + ", ".join(f"{row[k]:.4f} with {what(k)}" for k in gains if k in row)
+                 + " (about 0: the model ignores that part of the prompt).")
   for note in quality_notes or []:
     lines.append(note)
   if not quality_notes:

@@ -12,6 +12,8 @@ Train, validation and test draw from disjoint digit instances (instance % 10).
 
 import functools
 
+import re
+
 import numpy as np
 from PIL import Image
 
@@ -98,6 +100,24 @@ def direction_words(vy, vx, speed_slow):
     return f"{slowly}falls" if vy > 0 else f"{slowly}rises"
   vertical = "down" if vy > 0 else "up"
   return f"{slowly}moves {vertical} and to the {horizontal}"
+
+
+_OPPOSITE = {"right": "left", "left": "right", "up": "down", "down": "up", "falls": "rises", "rises": "falls"}
+
+
+def flip_directions(caption: str) -> str:
+  """The caption with every motion reversed ("a red 3 moves left" -> "a red 3 moves right")."""
+  return re.sub(r"\b(right|left|up|down|falls|rises)\b", lambda m: _OPPOSITE[m.group(1)], caption)
+
+
+def change_digits(caption: str) -> str:
+  """The caption with every digit d named as (d + 5) % 10."""
+  return re.sub(r"\b(\d)\b", lambda m: str((int(m.group(1)) + 5) % 10), caption)
+
+
+# Captions that each get one attribute wrong: the DiT's held-out loss with them, minus
+# with the true caption, says how much it has learnt to use that attribute (dit_eval).
+COUNTERFACTUALS = {"direction": flip_directions, "digit": change_digits}
 
 
 def _place(y, x, height, width, size):
