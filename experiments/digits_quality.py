@@ -49,6 +49,9 @@ def get_config():
   c.dit.heads = 4
   c.dit.mlp = "swiglu"  # Faster than GELU on XLA:CPU at the same FLOPs (docs/benchmarks.md "## DiT").
   c.dit.attention_impl = "einsum"
+  # Where a digit that "moves right" starts (on the left) is the largest thing its
+  # direction tells the model at high noise, and RoPE alone cannot say where the left is.
+  c.dit.position_embedding = "sincos"
   c.text.width = 128
   c.text.depth = 2
   c.train.row_tokens = 256

@@ -119,6 +119,29 @@ def test_packed_row_equals_each_segment_alone(config, model):
   np.testing.assert_allclose(out[0, 12:18], out[2, :6], atol=2e-5)
 
 
+def test_sincos_position_embedding_tells_tokens_where_they_are(config):
+  """Identical tokens: with RoPE only every one gets the same output (attention over equal
+  values is that value); with dit.position_embedding="sincos" they differ by position,
+  and packing stays exact (each segment's own positions)."""
+  batch = pack_rows(config, [[A, B], [A], [B]], 24)
+  batch["tokens"][:] = 0.5
+  with config.unlocked():
+    config.dit.position_embedding = "sincos"
+  try:
+    placed = randomize(build(config))
+  finally:
+    with config.unlocked():
+      config.dit.position_embedding = "none"
+  same = forward(randomize(build(config)), batch)[1, :12]
+  np.testing.assert_allclose(same, np.broadcast_to(same[:1], same.shape), atol=1e-5)
+  out = forward(placed, batch)
+  assert np.abs(out[1, :12] - out[1, :1]).max() > 1e-3
+  np.testing.assert_allclose(out[0, :12], out[1, :12], atol=2e-5)
+  np.testing.assert_allclose(out[0, 12:18], out[2, :6], atol=2e-5)
+  emb = np.asarray(layers.sincos_position_embedding(jnp.asarray([[0, 0, 0], [0, 0, 1], [1, 0, 0]]), 256))
+  assert emb.shape == (3, 256) and len({tuple(np.round(e, 5)) for e in emb}) == 3
+
+
 def test_einsum_attention_equals_dot_product_attention(config, model):
   """The CPU-fast einsum path computes what jax.nn.dot_product_attention does."""
   batch = pack_rows(config, [[A, B], [sample((1, 2, 2), "", 0.5, 3)]], 24)
@@ -278,6 +301,14 @@ def test_remat_and_swiglu_match_shapes_and_grads(config):
 
 
 def test_bad_inputs_raise_usage_errors(config, model):
+  with config.unlocked():
+    config.dit.position_embedding = "learned"
+  try:
+    with pytest.raises(UsageError, match="dit.position_embedding='learned'; valid: none, sincos"):
+      build(config)
+  finally:
+    with config.unlocked():
+      config.dit.position_embedding = "none"
   batch = pack_rows(config, [[A, B]], 24)
   with pytest.raises(UsageError, match="features"):
     model(batch["tokens"][..., :5], batch["t"], batch["positions"], batch["segment_ids"],

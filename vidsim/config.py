@@ -155,6 +155,10 @@ def base_config() -> ConfigDict:
   c.dit.mlp = "gelu"  # MLP: gelu | swiglu.
   c.dit.qk_norm = True  # RMS-normalise queries and keys.
   c.dit.rope_theta = 10000.0  # RoPE base.
+  # "sincos" adds fixed sin/cos features of each token's (t, h, w) index to its patch
+  # embedding: RoPE gives only relative offsets, so without it a token cannot tell where
+  # in the frame it is (models/dit.py). "none": RoPE only.
+  c.dit.position_embedding = "none"
   c.dit.remat = "none"  # Rematerialisation: none | full | dots (save matmul outputs).
   c.dit.attention_impl = "xla"  # Attention: xla | cudnn | auto (jax.nn.dot_product_attention) | einsum (two einsums; fastest on CPU).
   c.dit.dtype = "float32"  # Compute dtype: float32 | bfloat16 (params stay float32).

@@ -5,7 +5,9 @@ text {text_tokens | text_embeddings, text_mask [R, K, S]}, drop_text [R, K]) -> 
 
 - Self-attention stays inside a segment (segment_ids; 0 = padding) with 3D RoPE over
   each token's own (t, h, w) position, so a packed row computes exactly what each
-  sample would alone.
+  sample would alone. dit.position_embedding = "sincos" also adds fixed sin/cos
+  features of the (t, h, w) index to the patch embeddings: RoPE alone gives only
+  relative offsets, so a token cannot tell it is at the left of the frame.
 - Cross-attention: every token sees only the caption of its own segment (text of
   slot k belongs to segment k + 1; the K captions are flattened to K*S keys).
 - Time is per token (clean conditioning tokens have t = 0). Modulation is
@@ -30,6 +32,7 @@ from vidsim.models import layers
 from vidsim.models.text import make_text_encoder
 
 MODULATIONS = 6  # shift, scale, gate for attention; the same for the MLP.
+POSITION_EMBEDDINGS = ("none", "sincos")  # dit.position_embedding: added to the patch embeddings.
 
 
 def patch_features(config) -> int:
@@ -79,6 +82,9 @@ class DiT(nnx.Module):
     self.dtype = layers.compute_dtype(d.dtype)
     self.remat = d.remat
     self.rope_theta = d.rope_theta
+    if d.position_embedding not in POSITION_EMBEDDINGS:
+      raise UsageError(f"dit.position_embedding={d.position_embedding!r}; valid: {', '.join(POSITION_EMBEDDINGS)}")
+    self.position_embedding = d.position_embedding
     self.head_dim = d.width // d.heads
     layers.rope_pairs(self.head_dim)  # Fails early on a head too small for 3D RoPE.
     self.patch_dim = patch_features(config)
@@ -137,6 +143,8 @@ class DiT(nnx.Module):
     rope = layers.rope_angles(positions, self.head_dim, self.rope_theta)
 
     x = self.patch_embed(x_t.astype(self.dtype))
+    if self.position_embedding == "sincos":
+      x = x + layers.sincos_position_embedding(positions, x.shape[-1]).astype(x.dtype)
     x = mesh_lib.constrain(x, "batch", "length", "embed")
     time = self.time_embed(t)  # [R, L, W]
     time_mod = self.time_modulation(jax.nn.silu(time)).reshape(r, l, MODULATIONS, -1)

@@ -111,6 +111,23 @@ def rope_angles(positions, head_dim: int, theta: float):
   return jnp.cos(angles), jnp.sin(angles)
 
 
+def sincos_position_embedding(positions, width: int, theta: float = 10000.0):
+  """positions int [..., 3] (t, h, w) -> float32 [..., width]: fixed sin/cos features of
+  each axis's index (h and w get floor(width/6)*2 features each, t the rest).
+
+  Added to the patch embeddings, they tell a token where it is in its clip, which RoPE
+  (relative offsets only) does not: a token on pure noise needs that to predict a
+  position-dependent mean, such as where a digit that "moves right" starts.
+  """
+  spatial = (width // 6) * 2
+  parts = []
+  for axis, n in enumerate((width - 2 * spatial, spatial, spatial)):
+    inv_freq = theta ** (-jnp.arange(n // 2, dtype=jnp.float32) / max(n // 2, 1))
+    angles = positions[..., axis : axis + 1].astype(jnp.float32) * inv_freq
+    parts += [jnp.sin(angles), jnp.cos(angles)]
+  return jnp.concatenate(parts, axis=-1)
+
+
 def apply_rope(x, cos, sin):
   """Rotates feature pairs (i, i + D/2) of x [..., heads, D] by the angles."""
   half = x.shape[-1] // 2
