@@ -12,18 +12,20 @@ Command:
       --prompt "a red 3 moves right" --out red3.mp4
   (or `vidsim demo --config experiments/digits_quality.py --workdir runs/digits_quality`,
   which runs every stage, every task and writes report.html)
-Expected runtime: at most about 2 hours on a 2-core CPU; measured 110.6 min from an
-empty workdir (session 5): data 31 s, VAE 16.7 min, latent cache 96 s, DiT 4,500 steps
-92.0 min (~1.2 s a step with the sample hook every 500 steps), every sampling task
-12 s, the probe 5 s.
-Expected result, measured at 4,500 steps: moving digit-like glyphs in the prompt's
-colour, but NOT yet reliably the prompt's digit or direction. Probe scores
-(W/dit/samples/scores.jsonl, 40 prompts): colour 40/40, digit 16/40 (chance 4/40;
-still rising steeply: 4/40 at 2,000, 8 at 3,000, 13 at 4,000), direction 7/40; the
-scorer reads true clips at digit 0.92, direction 0.89. Held-out flow loss at t=0.3
-0.403 vs 0.387 on training clips (with 2,000 scenes: 0.568 vs 0.311, digit 12/40).
-docs/generate.md ("What the outputs look like") has both runs, the stills, commands
-and the diagnosis.
+Expected runtime: at most about 2 hours on a 2-core CPU. Measured in parts (session 6):
+data 25 s, VAE 17.4 min, latent cache 93 s, then ~1.2 s a DiT step with the hooks, so
+~90 min for the 4,500 steps and ~110 min in all (session 5's run of the same stages
+and sizes took 110.6 min). The full 4,500 steps of THIS version have not been run yet.
+Expected result, measured so far (session 6, stopped at step 2,000 of 4,500): probe
+scores (W/dit/samples/scores.jsonl, 40 prompts) colour 40/40, digit 21/40 (chance
+4/40), direction 10/40 (still what a random one of the 4 probe directions scores); the
+scorer reads rendered clips of this world at digit 0.93, direction 0.94.
+The held-out loss with every direction word reversed rose from +0.0002 over the true
+captions' at step 1,000 to +0.0031 at 2,000 (val_direction_gain_t90): the model has
+only started to use the direction. The session-5 version (bouncing paths, two digits,
+RoPE only) reached digit 16/40, direction 7/40 at step 4,500, and never used the
+direction words. docs/generate.md ("What the outputs look like") has the diagnosis, every
+run, the stills and their commands.
 """
 
 import os

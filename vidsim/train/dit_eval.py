@@ -15,8 +15,8 @@ Metrics, logged to metrics.jsonl and TensorBoard at train.eval_every:
                                  attribute wrong (moving_digits.COUNTERFACTUALS: every
                                  direction reversed, every digit changed) minus the
                                  true captions': ~0 while the model ignores that word.
-The direction gain is the early sign that motion follows the prompt: samples show it
-only thousands of steps later (docs/generate.md).
+The direction gain is the early sign that motion will follow the prompt: in the session-6
+run it rose from step 1,000 while the samples were still at chance at 2,000 (docs/generate.md).
 """
 
 import jax
