@@ -15,14 +15,14 @@ Command:
 Expected runtime: at most about 2 hours on a 2-core CPU. Measured in parts (session 6):
 data 25 s, VAE 17.4 min, latent cache 93 s, then ~1.2 s a DiT step with the hooks, so
 ~90 min for the 4,500 steps and ~110 min in all (session 5's run of the same stages
-and sizes took 110.6 min). The full 4,500 steps of THIS version have not been run yet.
-Expected result, measured so far (session 6, stopped at step 2,000 of 4,500): probe
-scores (W/dit/samples/scores.jsonl, 40 prompts) colour 40/40, digit 21/40 (chance
-4/40), direction 10/40 (still what a random one of the 4 probe directions scores); the
-scorer reads rendered clips of this world at digit 0.93, direction 0.94.
-The held-out loss with every direction word reversed rose from +0.0002 over the true
-captions' at step 1,000 to +0.0031 at 2,000 (val_direction_gain_t90): the model has
-only started to use the direction. The session-5 version (bouncing paths, two digits,
+and sizes took 110.6 min). The full 4,500 steps of THIS version have not been measured yet.
+Expected result, measured so far (session 6, step 2,500 of 4,500): probe scores
+(W/dit/samples/scores.jsonl, 40 prompts) colour 40/40, digit 22/40 (chance 4/40),
+direction 13/40 (a random one of the 4 probe directions scores 10/40); at step 2,000
+21/40 and 10/40. The scorer reads rendered clips of this world at digit 0.93,
+direction 0.94. The held-out loss with every direction word reversed rose from +0.0002
+over the true captions' at step 1,000 to +0.0053 at 2,500 (val_direction_gain_t90):
+the model has only started to use the direction. The session-5 version (bouncing paths, two digits,
 RoPE only) reached digit 16/40, direction 7/40 at step 4,500, and never used the
 direction words. docs/generate.md ("What the outputs look like") has the diagnosis, every
 run, the stills and their commands.
