@@ -129,10 +129,11 @@ def run(spec: StageSpec, config, workdir, mesh):
               f"The last good checkpoint is step {checkpointer.latest_step()} in {checkpointer.directory}. "
               "Lower the learning rate or check the data."
           )
-        hook_metrics = {}
+        hook_metrics, hooks_ran = {}, False
         for every, hook in spec.every:
           if every and step % every == 0:
             hook_metrics.update(hook(state, step) or {})
+            hooks_ran = True
         if step % spec.log_every == 0 or step == spec.steps:
           metrics = {**_log_row(step_metrics, state, window, peak, spec.summarize_units), **hook_metrics}
           metrics_writer.write(step, metrics)
@@ -146,7 +147,7 @@ def run(spec: StageSpec, config, workdir, mesh):
         saving = step % spec.checkpoint_every == 0 or step == spec.steps or preempted
         if saving:
           checkpointer.save(step, state, spec.data_iter, config_dict, metrics, force=True)
-        if saving or any(every and step % every == 0 for every, _ in spec.every):
+        if saving or hooks_ran:
           timer.restart()  # Samples, evals and saves are not the step: step_time_s and MFU measure training.
         if preempted:
           checkpointer.wait()
