@@ -42,7 +42,8 @@ def write_report(config, workdir, outputs, timings, quality_notes=None):
 
   parts.append("<h2>How good is this?</h2><div class='honest'>")
   dit_logged = [row for row in dit_rows if "loss" in row]  # Held-out evals may have rows of their own.
-  parts.append(_honest_summary(config, workdir, vae_rows, dit_rows, dit_logged, val_psnr, quality_notes))
+  gains = _caption_gain_keys(dit_rows)
+  parts.append(_honest_summary(config, workdir, vae_rows, dit_rows, dit_logged, gains, val_psnr, quality_notes))
   parts.append("</div>")
 
   parts.append("<h2>Generated videos</h2><div class='grid'>")
@@ -61,7 +62,6 @@ def write_report(config, workdir, outputs, timings, quality_notes=None):
   held_out = sorted({k for row in dit_rows for k in row if re.fullmatch(r"(val|train)_loss_t\d+", k)})
   if held_out:
     parts.append(_chart("DiT loss at fixed noise, held-out vs train (EMA)", dit_rows, held_out))
-  gains = _caption_gain_keys(dit_rows)
   if gains:
     parts.append(_chart("What a wrong caption costs the DiT (held-out loss at the highest eval noise)", dit_rows, gains))
   parts.append("</div>")
@@ -171,7 +171,7 @@ def _fmt(value):
   return html.escape(str(value))
 
 
-def _honest_summary(config, workdir, vae_rows, dit_rows, dit_logged, val_psnr, quality_notes):
+def _honest_summary(config, workdir, vae_rows, dit_rows, dit_logged, gains, val_psnr, quality_notes):
   lines = []
   from vidsim.train.vae_loop import eval_path
 
@@ -198,7 +198,6 @@ def _honest_summary(config, workdir, vae_rows, dit_rows, dit_logged, val_psnr, q
                  + ", ".join(f"t=0.{name[1:]} {row[f'val_loss_{name}']:.3f} vs {row[f'train_loss_{name}']:.3f}"
                              for name in pairs)
                  + " (a held-out loss well above the training one means the model memorises its clips).")
-  gains = _caption_gain_keys(dit_rows)
   if gains:
     row = [r for r in dit_rows if gains[0] in r][-1]
     what = lambda key: "no caption" if key.startswith("val_caption_") else f"a wrong {key.split('_')[1]}"
