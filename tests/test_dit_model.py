@@ -17,7 +17,7 @@ from vidsim import mesh as mesh_lib
 from vidsim.errors import UsageError
 from vidsim.models import layers
 from vidsim.models.dit import DiT, patch_features
-from vidsim.models.text import tokenize_bytes
+from vidsim.models.text import detokenize_bytes, tokenize_bytes
 
 GOLDEN = pathlib.Path(__file__).parent / "golden" / "dit_partition_specs.json"
 K = 2  # Segments per row in these tests.
@@ -418,6 +418,7 @@ def test_tokenize_bytes_format():
   np.testing.assert_array_equal(ids, [[98, 99, 0], [0, 0, 0], [0xC3 + 1, 0xA9 + 1, 0]])
   np.testing.assert_array_equal(mask, ids > 0)
   assert tokenize_bytes(["abcdef"], 4)[0].tolist() == [[98, 99, 100, 101]]  # Cut at max_length.
+  assert detokenize_bytes(ids) == ["ab", "", "é"]
 
 
 def test_bfloat16_compute_keeps_fp32_params(config, model):

@@ -33,6 +33,12 @@ def tokenize_bytes(captions, max_length: int):
   return ids, ids > 0
 
 
+def detokenize_bytes(ids) -> list:
+  """The inverse of tokenize_bytes: ids int [N, S] -> N captions (pad dropped)."""
+  ids = np.asarray(ids)
+  return [bytes((row[row > 0] - 1).astype(np.uint8)).decode("utf-8", "replace") for row in ids]
+
+
 def _require(text, key, ndim, encoder):
   if key not in text:
     raise UsageError(

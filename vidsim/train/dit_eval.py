@@ -62,8 +62,7 @@ def counterfactual_captions(config) -> dict:
 def recaption(host_batch, rewrite) -> dict:
   """The host batch with every caption (its text_tokens bytes) passed through `rewrite`."""
   ids = host_batch["text_tokens"]
-  flat = ids.reshape(-1, ids.shape[-1])
-  captions = [bytes((row[row > 0] - 1).astype(np.uint8)).decode("utf-8", "replace") for row in flat]
+  captions = text_lib.detokenize_bytes(ids.reshape(-1, ids.shape[-1]))
   new_ids, new_mask = text_lib.tokenize_bytes([rewrite(c) for c in captions], ids.shape[-1])
   return {**host_batch, "text_tokens": new_ids.reshape(ids.shape), "text_mask": new_mask.reshape(ids.shape)}
 
