@@ -30,6 +30,18 @@ def build(config, seed=0, mesh=None):
     return DiT(config, rngs=nnx.Rngs(seed))
 
 
+def build_with(config, **dit):
+  """build() with some dit.* settings changed for this one model; the shared config is restored."""
+  before = {k: config.dit[k] for k in dit}
+  with config.unlocked():
+    config.dit.update(dit)
+  try:
+    return build(config)
+  finally:
+    with config.unlocked():
+      config.dit.update(before)
+
+
 def randomize(model, seed=1, scale=0.1):
   """Perturbs every param: at init the zero-init gates make blocks the identity and
   the output 0, which would let a mask test pass without testing anything."""
@@ -125,13 +137,7 @@ def test_sincos_position_embedding_tells_tokens_where_they_are(config):
   and packing stays exact (each segment's own positions)."""
   batch = pack_rows(config, [[A, B], [A], [B]], 24)
   batch["tokens"][:] = 0.5
-  with config.unlocked():
-    config.dit.position_embedding = "sincos"
-  try:
-    placed = randomize(build(config))
-  finally:
-    with config.unlocked():
-      config.dit.position_embedding = "none"
+  placed = randomize(build_with(config, position_embedding="sincos"))
   same = forward(randomize(build(config)), batch)[1, :12]
   np.testing.assert_allclose(same, np.broadcast_to(same[:1], same.shape), atol=1e-5)
   out = forward(placed, batch)
@@ -145,13 +151,7 @@ def test_sincos_position_embedding_tells_tokens_where_they_are(config):
 def test_einsum_attention_equals_dot_product_attention(config, model):
   """The CPU-fast einsum path computes what jax.nn.dot_product_attention does."""
   batch = pack_rows(config, [[A, B], [sample((1, 2, 2), "", 0.5, 3)]], 24)
-  with config.unlocked():
-    config.dit.attention_impl = "einsum"
-  try:
-    einsum_model = randomize(build(config))
-  finally:
-    with config.unlocked():
-      config.dit.attention_impl = "xla"
+  einsum_model = randomize(build_with(config, attention_impl="einsum"))
   np.testing.assert_allclose(forward(einsum_model, batch), forward(randomize(build(config)), batch), atol=1e-5)
 
 
@@ -301,14 +301,8 @@ def test_remat_and_swiglu_match_shapes_and_grads(config):
 
 
 def test_bad_inputs_raise_usage_errors(config, model):
-  with config.unlocked():
-    config.dit.position_embedding = "learned"
-  try:
-    with pytest.raises(UsageError, match="dit.position_embedding='learned'; valid: none, sincos"):
-      build(config)
-  finally:
-    with config.unlocked():
-      config.dit.position_embedding = "none"
+  with pytest.raises(UsageError, match="dit.position_embedding='learned'; valid: none, sincos"):
+    build_with(config, position_embedding="learned")
   batch = pack_rows(config, [[A, B]], 24)
   with pytest.raises(UsageError, match="features"):
     model(batch["tokens"][..., :5], batch["t"], batch["positions"], batch["segment_ids"],
