@@ -12,20 +12,20 @@ Command:
       --prompt "a red 3 moves right" --out red3.mp4
   (or `vidsim demo --config experiments/digits_quality.py --workdir runs/digits_quality`,
   which runs every stage, every task and writes report.html)
-Expected runtime: at most about 2 hours on a 2-core CPU. Measured in parts (session 6):
-data 25 s, VAE 17.4 min, latent cache 93 s, then ~1.2 s a DiT step with the hooks, so
-~90 min for the 4,500 steps and ~110 min in all (session 5's run of the same stages
-and sizes took 110.6 min). The full 4,500 steps of THIS version have not been measured yet.
-Expected result, measured so far (session 6, step 2,500 of 4,500): probe scores
-(W/dit/samples/scores.jsonl, 40 prompts) colour 40/40, digit 22/40 (chance 4/40),
-direction 13/40 (a random one of the 4 probe directions scores 10/40); at step 2,000
-21/40 and 10/40. The scorer reads rendered clips of this world at digit 0.93,
-direction 0.94. The held-out loss with every direction word reversed rose from +0.0002
-over the true captions' at step 1,000 to +0.0053 at 2,500 (val_direction_gain_t90):
-the model has only started to use the direction. The session-5 version (bouncing paths, two digits,
-RoPE only) reached digit 16/40, direction 7/40 at step 4,500, and never used the
-direction words. docs/generate.md ("What the outputs look like") has the diagnosis, every
-run, the stills and their commands.
+Expected runtime: at most about 2 hours on a 2-core CPU. Measured in parts: data 25 s,
+VAE 17.4 min, latent cache 93 s (session 6), DiT 4,500 steps at ~1.2 s a step with the
+hooks (2,000 of them took 40.3 min in session 7), sampling every task 13 s, probe 6 s.
+That sums to ~112 min; a from-scratch timing of the whole was started in session 7.
+Expected result (session 7, step 4,500, EMA, Euler 30 steps, guidance 4): recognisable
+digits in the prompt's colour that move in the prompt's direction. Probe scores
+(W/dit/samples/scores.jsonl, 40 prompts: every digit in each of 4 directions) digit
+39/40, colour 40/40, direction 39/40; the scorer reads true rendered clips of this
+world at digit 0.92, direction 0.95. 80 more prompts at 32x32: 79 / 80 / 79; 40 wide
+(24x40): 37 / 40 / 40; 40 vertical (40x24): 39 / 40 / 39; text-to-image 34/40 digits.
+The digit comes from step ~2,000 (21/40), the direction from ~3,000 (17/40 there, 33/40
+at 3,500). The conditioned tasks keep the given frames, colour and motion better than
+the digit's shape. docs/generate.md ("What the outputs look like") has every task's
+command and still, the runs, and why each setting below is what it is.
 """
 
 import os
