@@ -12,10 +12,11 @@ Command:
       --prompt "a red 3 moves right" --out red3.mp4
   (or `vidsim demo --config experiments/digits_quality.py --workdir runs/digits_quality`,
   which runs every stage, every task and writes report.html)
-Expected runtime: at most about 2 hours on a 2-core CPU. Measured in parts: data 25 s,
-VAE 17.4 min, latent cache 93 s (session 6), DiT 4,500 steps at ~1.2 s a step with the
-hooks (2,000 of them took 40.3 min in session 7), sampling every task 13 s, probe 6 s.
-That sums to ~112 min; a from-scratch timing of the whole was started in session 7.
+Expected runtime: at most about 2 hours on a 2-core CPU; ~111 min measured (session 7,
+from an empty workdir, stopped at DiT step 2,000 and timed in parts): data 28 s, VAE
+16.7 min, latent cache 90 s, DiT 1.20-1.24 s a step with the hooks (~92 min for 4,500),
+sampling every task 13 s, probe 6 s. That run matched the scored run below exactly
+(held-out losses and probe scores at steps 1,000-2,000).
 Expected result (session 7, step 4,500, EMA, Euler 30 steps, guidance 4): recognisable
 digits in the prompt's colour that move in the prompt's direction. Probe scores
 (W/dit/samples/scores.jsonl, 40 prompts: every digit in each of 4 directions) digit
@@ -61,7 +62,7 @@ def get_config():
   c.text.depth = 2
   c.train.row_tokens = 256
   c.train.rows_per_batch = 12  # ~60 clips a step; 2.2 s/step at 16 rows left too few steps.
-  c.train.steps = 4500  # ~89 min at ~1.19 s a step (huge-page malloc, einsum attention backward).
+  c.train.steps = 4500  # ~92 min at ~1.22 s a step with the hooks (huge-page malloc, einsum attention backward).
   c.train.learning_rate = 8e-4
   c.train.warmup_steps = 100
   c.train.ema_decay = 0.999
