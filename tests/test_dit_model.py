@@ -31,15 +31,11 @@ def build(config, seed=0, mesh=None):
 
 
 def build_with(config, **dit):
-  """build() with some dit.* settings changed for this one model; the shared config is restored."""
-  before = {k: config.dit[k] for k in dit}
-  with config.unlocked():
-    config.dit.update(dit)
-  try:
-    return build(config)
-  finally:
-    with config.unlocked():
-      config.dit.update(before)
+  """build() from a copy of `config` with some dit.* settings changed."""
+  c = config.copy_and_resolve_references()
+  with c.unlocked():
+    c.dit.update(dit)
+  return build(c)
 
 
 def randomize(model, seed=1, scale=0.1):
@@ -290,11 +286,7 @@ def test_remat_and_swiglu_match_shapes_and_grads(config):
   noise = np.ones_like(batch["tokens"])
   grads = {}
   for remat in ("none", "full", "dots"):
-    c = config.copy_and_resolve_references()
-    with c.unlocked():
-      c.dit.remat = remat
-      c.dit.mlp = "swiglu"
-    model = randomize(build(c))
+    model = randomize(build_with(config, remat=remat, mlp="swiglu"))
     grads[remat] = nnx.jit(nnx.grad(rf_loss))(model, batch, noise)
   for remat in ("full", "dots"):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), grads["none"], grads[remat])
@@ -416,10 +408,7 @@ def test_tokenize_bytes_format():
 
 
 def test_bfloat16_compute_keeps_fp32_params(config, model):
-  c = config.copy_and_resolve_references()
-  with c.unlocked():
-    c.dit.dtype = "bfloat16"
-  low = build(c)
+  low = build_with(config, dtype="bfloat16")
   nnx.update(low, nnx.state(model, nnx.Param))
   assert {x.dtype for x in jax.tree.leaves(nnx.state(low, nnx.Param))} == {jnp.dtype(jnp.float32)}
   batch = pack_rows(config, [[A, B]], 24)
