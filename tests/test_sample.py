@@ -14,7 +14,9 @@ from flax import nnx
 from vidsim import cli
 from vidsim import config as config_lib
 from vidsim import mesh as mesh_lib
-from vidsim import sample
+from vidsim import demo, sizes
+from vidsim.sample import engine as sample
+from vidsim.train import dit_hooks
 from vidsim.data import video_io
 from vidsim.errors import UsageError
 from vidsim.models import dit as dit_lib
@@ -140,30 +142,30 @@ def test_loop_and_edit(engine, clip):
 
 def test_contact_sheet_marks_given_frames():
   videos = np.full((1, 3, 8, 8, 3), 100, np.uint8)
-  sheet = sample.contact_sheet(videos, np.array([True, False, False]), min_side=8)
-  cell = 8 + 2 * sample.SHEET_BORDER
+  sheet = video_io.contact_sheet(videos, np.array([True, False, False]), min_side=8)
+  cell = 8 + 2 * video_io.SHEET_BORDER
   assert sheet.shape == (cell, 3 * cell, 3)
-  assert tuple(sheet[0, 0]) == sample.GIVEN_COLOR
-  assert tuple(sheet[0, cell]) == sample.GENERATED_COLOR and tuple(sheet[0, 2 * cell]) == sample.GENERATED_COLOR
+  assert tuple(sheet[0, 0]) == video_io.GIVEN_COLOR
+  assert tuple(sheet[0, cell]) == video_io.GENERATED_COLOR and tuple(sheet[0, 2 * cell]) == video_io.GENERATED_COLOR
   assert tuple(sheet[cell // 2, cell // 2]) == (100, 100, 100)
 
 
 def test_write_outputs_video_png_and_sheet(tmp_path, engine):
   g = sample.generate(engine, "t2v", ["a", "b"], frames=9, seed=0, **SIZE, **FAST)
-  paths = sample.write_outputs(str(tmp_path / "o.mp4"), g, fps=8.0)
+  paths = video_io.write_outputs(str(tmp_path / "o.mp4"), g.videos, g.given, fps=8.0)
   assert [os.path.basename(p) for p in paths] == ["o_0.mp4", "o_1.mp4", "o.sheet.png"]
   frames, _ = video_io.read_video(paths[0])
   assert frames.shape == (9, 16, 16, 3)
-  assert video_io.read_image(paths[2]).shape[0] == 2 * (64 + 2 * sample.SHEET_BORDER)  # Two rows, frames upscaled.
+  assert video_io.read_image(paths[2]).shape[0] == 2 * (64 + 2 * video_io.SHEET_BORDER)  # Two rows, frames upscaled.
   assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
 
 
 def test_check_size_names_nearest_valid_sizes(config):
-  assert sample.check_size(config, 9, 16, 24) == (3, 4, 6, 4)
+  assert sizes.check_output_size(config, 9, 16, 24) == (3, 4, 6, 4)
   with pytest.raises(UsageError, match=r"--frames 6 -> nearest valid: 5 or 9"):
-    sample.check_size(config, 6, 16, 16)
+    sizes.check_output_size(config, 6, 16, 16)
   with pytest.raises(UsageError, match=r"--width 20 -> nearest valid: 16 or 24"):
-    sample.check_size(config, 9, 16, 20)
+    sizes.check_output_size(config, 9, 16, 20)
 
 
 def _cli(tmp_path, workdir, *flags):
@@ -224,7 +226,7 @@ def test_training_samples_write_gifs_for_each_prompt(tmp_path, workdir, engine):
   # The sampling settings of the other tests, so the compiled ODE is reused.
   config = config_lib.load_config(os.path.join(ROOT, "experiments", "digits_tiny.py"), [
       "--config.sample.frames=9", "--config.sample.steps=2", "--config.sample.guidance=3.0"])
-  sample.training_samples(config, str(workdir), engine.mesh, engine.dit_graphdef, {"ema": engine.dit_params}, 40)
+  dit_hooks.training_samples(config, str(workdir), engine.mesh, engine.dit_graphdef, {"ema": engine.dit_params}, 40)
   names = sorted(n for n in os.listdir(workdir / "dit" / "samples") if n.startswith("step_000040"))
   assert names == ["step_000040.sheet.png", "step_000040_0.gif", "step_000040_1.gif"]
   frames, _ = video_io.read_video(workdir / "dit" / "samples" / "step_000040_0.gif")
@@ -237,7 +239,7 @@ def test_training_samples_score_probe_prompts(workdir, engine):
   config = config_lib.load_config(os.path.join(ROOT, "experiments", "digits_tiny.py"), [
       "--config.sample.frames=9", "--config.sample.steps=2", "--config.sample.guidance=3.0",
       "--config.train.score_samples=4"])
-  sample.training_samples(config, str(workdir), engine.mesh, engine.dit_graphdef, {"ema": engine.dit_params}, 41)
+  dit_hooks.training_samples(config, str(workdir), engine.mesh, engine.dit_graphdef, {"ema": engine.dit_params}, 41)
   lines = (workdir / "dit" / "samples" / "scores.jsonl").read_text().splitlines()
   row = json.loads(lines[-1])
   assert row["step"] == 41 and row["clips"] == 4
@@ -250,22 +252,22 @@ def test_demo_probe_scores_writes_sheet_and_resumes(workdir):
   config = config_lib.load_config(os.path.join(ROOT, "experiments", "digits_tiny.py"), [
       "--config.sample.frames=9", "--config.sample.steps=2", "--config.sample.guidance=3.0"])
   mesh = mesh_lib.make_mesh(config)
-  item, notes = sample.demo_probe(config, str(workdir), mesh, count=3)
+  item, notes = demo.demo_probe(config, str(workdir), mesh, count=3)
   saved = json.loads((workdir / "eval" / "probe_scores.json").read_text())
   assert saved["samples"]["clips"] == 3 and len(saved["rows"]) == 3
   assert saved["true_clips"]["digit"] > 0.5  # The scorer reads true 16x16 clips of digit_size 8.
   assert os.path.exists(item["output"]) and "3 one-digit probe prompts" in notes[0]
   stamp = os.path.getmtime(item["output"])
-  assert sample.demo_probe(config, str(workdir), mesh, count=3) == (item, notes)  # Resume: read, not made again.
+  assert demo.demo_probe(config, str(workdir), mesh, count=3) == (item, notes)  # Resume: read, not made again.
   assert os.path.getmtime(item["output"]) == stamp
   images = config_lib.load_config(os.path.join(ROOT, "experiments", "digits_tiny.py"), ["--config.sample.frames=1"])
-  assert sample.demo_probe(images, str(workdir), mesh) == (None, [])
+  assert demo.demo_probe(images, str(workdir), mesh) == (None, [])
 
 
 @pytest.mark.slow  # Nine tasks with their own shapes: ~1 min of compiling on a 2-core CPU.
 def test_demo_samples_make_every_task_and_resume(config, workdir):
   mesh = mesh_lib.make_mesh(config)
-  items = sample.demo_samples(config, str(workdir), mesh)
+  items = demo.demo_samples(config, str(workdir), mesh)
   tasks = [item["task"] for item in items]
   assert sorted(set(tasks)) == sorted(["t2v", "t2i", "i2v", "extend-forward", "extend-backward", "loop", "edit",
                                        "connect"])
@@ -274,7 +276,7 @@ def test_demo_samples_make_every_task_and_resume(config, workdir):
     assert os.path.exists(item["output"]) and os.path.exists(item["sheet"])
     assert all(os.path.exists(p) for p in item["inputs"])
   stamps = [os.path.getmtime(item["output"]) for item in items]
-  assert sample.demo_samples(config, str(workdir), mesh) == items  # Resume: nothing made again.
+  assert demo.demo_samples(config, str(workdir), mesh) == items  # Resume: nothing made again.
   assert [os.path.getmtime(item["output"]) for item in items] == stamps
 
 
@@ -309,6 +311,6 @@ def test_every_task_repeats_with_its_seed_and_changes_with_another(engine, clip,
 
 def test_training_samples_with_a_bad_size_log_and_do_not_stop_training(workdir, engine, caplog):
   config = config_lib.load_config(os.path.join(ROOT, "experiments", "digits_tiny.py"), ["--config.sample.frames=6"])
-  sample.training_samples(config, str(workdir), engine.mesh, engine.dit_graphdef, {"ema": engine.dit_params}, 7)
+  dit_hooks.training_samples(config, str(workdir), engine.mesh, engine.dit_graphdef, {"ema": engine.dit_params}, 7)
   assert "no training samples" in caplog.text and "nearest valid: 5 or 9" in caplog.text
   assert not list((workdir / "dit").glob("samples/step_000007*"))

@@ -51,7 +51,7 @@ def test_vae_stage_writes_metrics_recon_and_latent_stats(trained_vae):
   assert list((workdir / "vae" / "recon").glob("step_*.gif"))
   assert json.loads((workdir / "config.json").read_text())["vae"] == config.vae.to_dict() | {
       "widths": list(config.vae.widths)}
-  from vidsim.train.vae_loop import TrainedVAE
+  from vidsim.trained import TrainedVAE
 
   vae = TrainedVAE(config, workdir, mesh_lib.make_mesh(config))
   assert vae.step == 4
@@ -177,8 +177,9 @@ def test_dit_trains_on_the_cache_and_refuses_another_vaes_cache(trained_vae):
 def test_held_out_loss_is_logged_and_repeatable(trained_vae, repo_root, tmp_path):
   import shutil
 
-  from vidsim.train import dit_eval
-  from vidsim.train.dit_loop import abstract_dit, train_dit
+  from vidsim.models.build import abstract_dit
+  from vidsim.train import dit_hooks
+  from vidsim.train.dit_loop import train_dit
 
   source, _ = trained_vae
   mesh = mesh_lib.make_mesh(_tiny(repo_root))
@@ -195,26 +196,26 @@ def test_held_out_loss_is_logged_and_repeatable(trained_vae, repo_root, tmp_path
   rows = {r["step"]: r for r in read_metrics(workdir / "dit" / "metrics.jsonl")}
   assert sorted(rows) == [2, 4]
   assert "loss" not in rows[2] and "loss" in rows[4]
-  names = [f"{kind}_{dit_eval.time_name(t)}" for t in dit_eval.EVAL_TIMES
+  names = [f"{kind}_{dit_hooks.time_name(t)}" for t in dit_hooks.EVAL_TIMES
            for kind in ("val_loss", "train_loss", "val_caption_gain", "val_direction_gain", "val_digit_gain")]
   for step in (2, 4):
     assert all(np.isfinite(rows[step][k]) for k in names + ["val_loss"]), rows[step]
     assert rows[step]["val_loss"] == pytest.approx(
-        np.mean([rows[step][f"val_loss_{dit_eval.time_name(t)}"] for t in dit_eval.EVAL_TIMES]))
+        np.mean([rows[step][f"val_loss_{dit_hooks.time_name(t)}"] for t in dit_hooks.EVAL_TIMES]))
   assert rows[2]["val_loss_t90"] != rows[4]["val_loss_t90"]  # The EMA weights moved.
 
   # Same weights, same batches and noise: the same numbers, from a hook built afresh.
   with mesh_lib.activate(mesh, config):
     graphdef = abstract_dit(config, mesh)[0]
     manifest = latents_lib.load_manifest(workdir)
-    hook = dit_eval.HeldOutLoss(config, workdir, mesh, graphdef, manifest)
+    hook = dit_hooks.HeldOutLoss(config, workdir, mesh, graphdef, manifest)
     again = hook(state, 4)
   for k in names:
     assert again[k] == pytest.approx(rows[4][k], rel=1e-5, abs=1e-6), k
 
   # Counterfactual captions change only the caption bytes; rewriting with the identity changes nothing.
   batch = hook.batches["val"][0]
-  same = dit_eval.recaption(batch, lambda caption: caption)
+  same = dit_hooks.recaption(batch, lambda caption: caption)
   np.testing.assert_array_equal(same["text_tokens"], batch["text_tokens"])
   np.testing.assert_array_equal(same["text_mask"], batch["text_mask"])
   flipped = hook.counterfactuals["direction"][0]
@@ -223,7 +224,7 @@ def test_held_out_loss_is_logged_and_repeatable(trained_vae, repo_root, tmp_path
 
   # A cache without the eval split turns the measure off with a warning, not an error.
   no_val = dict(manifest, splits={"train": manifest["splits"]["train"]})
-  assert dit_eval.held_out_hooks(config, workdir, mesh, graphdef, no_val) == []
+  assert dit_hooks.held_out_hooks(config, workdir, mesh, graphdef, no_val) == []
 
 
 def test_sigterm_saves_at_the_next_step_and_exits_0_then_resumes(trained_vae, repo_root, tmp_path):
@@ -252,7 +253,7 @@ def test_sigterm_saves_at_the_next_step_and_exits_0_then_resumes(trained_vae, re
 
 
 def test_init_from_loads_weights_and_names_mismatches(trained_vae, repo_root, tmp_path):
-  from vidsim.train.vae_loop import TrainedVAE, train_vae
+  from vidsim.trained import TrainedVAE, train_vae
 
   source, config = trained_vae
   mesh = mesh_lib.make_mesh(config)
@@ -276,7 +277,7 @@ def jax_leaves(tree):
 def test_sigkill_at_any_moment_then_resume_is_bit_exact(trained_vae, repo_root, tmp_path):
   """SIGKILL mid-run (saves every 2 steps, so often during an async save), resume, and
   end with the same weights, bit for bit, and the same losses as an uninterrupted run."""
-  from vidsim.train.vae_loop import TrainedVAE
+  from vidsim.trained import TrainedVAE
 
   _, config = trained_vae
   args = ["--config.vae_train.steps=12", "--config.vae_train.checkpoint_every=2", "--config.vae_train.log_every=1",

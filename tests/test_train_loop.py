@@ -14,7 +14,7 @@ from flax import nnx
 
 from vidsim import config as config_lib
 from vidsim import mesh as mesh_lib
-from vidsim.train import loop, optim
+from vidsim.train import loop, optim, stage
 from vidsim.train.metrics import read_metrics
 
 
@@ -50,7 +50,7 @@ def _spec(config, mesh, nan_at=(), seen=None):
   model_cfg = config.train
   with mesh_lib.activate(mesh, config):
     model = nnx.Linear(4, 1, kernel_init=nnx.with_partitioning(nnx.initializers.zeros, ("embed", None)), rngs=nnx.Rngs(0))
-  graphdef, params, _, param_shardings = loop.split_model(model, mesh, config)
+  graphdef, params, _, param_shardings = mesh_lib.split_model(model, mesh, config)
   optimizer = optim.make_optimizer(model_cfg)
 
   def init_state():
@@ -66,7 +66,7 @@ def _spec(config, mesh, nan_at=(), seen=None):
     state, stats = optim.apply_gradients(state, loss, grads, optimizer, model_cfg.ema_decay)
     return state, dict(loss=loss, **stats)
 
-  state_shardings = loop.state_shardings(jax.eval_shape(init_state), params, param_shardings, mesh)
+  state_shardings = stage.state_shardings(jax.eval_shape(init_state), params, param_shardings, mesh)
   data_iter = iter(_dataset(nan_at))
 
   def to_global(b):

@@ -9,22 +9,29 @@ explicitly (vidsim/models/flops.py, vae_flops). Results go to docs/benchmarks.md
   checkpoint  how long an async save blocks the loop, restore, restore onto another mesh
 """
 
-import functools
 import json
 import platform
 import tempfile
 import time
 
+import grain
 import jax
 import numpy as np
 from etils import epath
+from flax import nnx
 
 from vidsim import malloc
 from vidsim import mesh as mesh_lib
+from vidsim.data.bench import bench_data
 from vidsim.errors import UsageError
 from vidsim.log import get_logger
-from vidsim.train import optim
+from vidsim.models import flops as flops_lib
+from vidsim.models import text as text_lib
+from vidsim.models import vae as vae_lib
+from vidsim.train import checkpoint as ckpt_lib
+from vidsim.train import dit_step
 from vidsim.train.metrics import measure_matmul_flops_per_s
+from vidsim.train.stage import assemble
 
 log = get_logger("bench")
 
@@ -58,8 +65,6 @@ def _machine():
 
 
 def _bench_data(config):
-  from vidsim.data.bench import bench_data
-
   return bench_data(config)
 
 
@@ -82,8 +87,6 @@ def _time_steps(step, state, batch, warmup, steps):
 
 def synthetic_packed_batch(config, rows=None, segments_per_row=2, seed=0):
   """Full rows of `segments_per_row` equal video segments, random latents and captions."""
-  from vidsim.models import text as text_lib
-
   tc = config.train
   rows = rows or tc.rows_per_batch
   length = tc.row_tokens
@@ -113,40 +116,22 @@ def synthetic_packed_batch(config, rows=None, segments_per_row=2, seed=0):
   return batch
 
 
-def _stage_parts(config, mesh, stage):
-  """(graphdef, optimizer, init_state, state shardings) of a stage, as the trainer builds
-  them: `stage` is vidsim.train.dit_loop or vidsim.train.vae_loop."""
-  from vidsim.train import dit_loop, loop
-
-  is_dit = stage is dit_loop
-  abstract, init, section = ((stage.abstract_dit, stage.init_dit_state, config.train) if is_dit
-                             else (stage.abstract_vae, stage.init_vae_state, config.vae_train))
-  graphdef, abstract_params, param_shardings = abstract(config, mesh)
-  optimizer = optim.make_optimizer(section)
-  init_state = functools.partial(init, config, optimizer)
-  shardings = loop.state_shardings(jax.eval_shape(init_state), abstract_params, param_shardings, mesh)
-  return graphdef, optimizer, init_state, shardings
-
-
-def _stage_setup(config, mesh, stage):
+def _stage_setup(config, mesh, name):
   """A stage's real train state (on the mesh) and its jitted train step."""
-  graphdef, optimizer, init_state, shardings = _stage_parts(config, mesh, stage)
-  state = jax.jit(init_state, out_shardings=shardings)()
-  step = jax.jit(stage.make_train_step(config, graphdef, optimizer), out_shardings=(shardings, None), donate_argnums=0)
-  return graphdef, state, step, shardings
+  stage = assemble(config, mesh, name)
+  state = jax.jit(stage.init_state, out_shardings=stage.state_shardings)()
+  step = jax.jit(stage.train_step, out_shardings=(stage.state_shardings, None), donate_argnums=0)
+  return stage, state, step
 
 
 def bench_dit(config):
-  from vidsim.models import flops as flops_lib
-  from vidsim.train import dit_loop
-
   mesh = mesh_lib.make_mesh(config)
   with mesh_lib.activate(mesh, config):
-    _, state, step, _ = _stage_setup(config, mesh, dit_loop)
+    _, state, step = _stage_setup(config, mesh, "dit")
     host = synthetic_packed_batch(config)
     batch = mesh_lib.make_global_batch(host, mesh, config)
     _, seconds, times = _time_steps(step, state, batch, config.bench.warmup, config.bench.steps)
-  flops = dit_loop.flops_for_batch(config, host)
+  flops = dit_step.flops_for_batch(config, host)
   tokens = host["segment_ids"].size
   return {
       "model": {"width": config.dit.width, "depth": config.dit.depth, "heads": config.dit.heads,
@@ -161,18 +146,14 @@ def bench_dit(config):
 
 
 def bench_vae(config):
-  from flax import nnx
-
-  from vidsim.models import vae as vae_lib
-  from vidsim.train import vae_loop
-
   mesh = mesh_lib.make_mesh(config)
   frames, height, width = max(config.data.buckets, key=lambda b: b[0] * b[1] * b[2])
   clips = config.data.batch_size
   rng = np.random.default_rng(0)
   video = rng.uniform(-1, 1, (clips, frames, height, width, 3)).astype(np.float32)
   with mesh_lib.activate(mesh, config):
-    graphdef, state, step, _ = _stage_setup(config, mesh, vae_loop)
+    stage, state, step = _stage_setup(config, mesh, "vae")
+    graphdef = stage.graphdef
     batch = mesh_lib.make_global_batch({"video": video}, mesh, config)
     state, seconds, times = _time_steps(step, state, batch, config.bench.warmup, config.bench.steps)
     encode = jax.jit(lambda p, v: nnx.merge(graphdef, p).encode(v)[0])
@@ -202,15 +183,12 @@ def bench_checkpoint(config):
   Restores are timed onto the same mesh, fsdp x tensor on the same devices and a mesh of
   half the devices, each checked bit for bit against the saved state.
   """
-  from vidsim.train import checkpoint as ckpt_lib
-  from vidsim.train import dit_loop
-
   mesh = mesh_lib.make_mesh(config)
   saves = max(config.bench.steps, 2)
   with tempfile.TemporaryDirectory() as tmp:
     directory = epath.Path(tmp)
     with mesh_lib.activate(mesh, config):
-      _, state, step, _ = _stage_setup(config, mesh, dit_loop)
+      _, state, step = _stage_setup(config, mesh, "dit")
       batch = mesh_lib.make_global_batch(synthetic_packed_batch(config), mesh, config)
       state, step_seconds, _ = _time_steps(step, state, batch, config.bench.warmup, config.bench.steps)
       result = {"mesh": mesh_lib.describe(mesh), "step_time_s": step_seconds,
@@ -278,12 +256,9 @@ def _restore_layouts(config):
 
 
 def _timed_restore(directory, saved_step, abstract, expected, label, config, devices):
-  from vidsim.train import checkpoint as ckpt_lib
-  from vidsim.train import dit_loop
-
   mesh = mesh_lib.make_mesh(config, devices)
   with mesh_lib.activate(mesh, config):
-    _, _, _, shardings = _stage_parts(config, mesh, dit_loop)
+    shardings = assemble(config, mesh, "dit").state_shardings
     reader = ckpt_lib.Checkpointer(directory, read_only=True)
     start = time.perf_counter()
     restored = reader.restore(saved_step, ckpt_lib.abstract_like(abstract, shardings), _StaticIterator())
@@ -306,6 +281,4 @@ def _layout_config(config, data=1, fsdp=1, tensor=1):
 
 def _StaticIterator():
   """A tiny real grain iterator: the benchmark times the train-state item, not data."""
-  import grain
-
   return iter(grain.MapDataset.range(8).to_iter_dataset())

@@ -1,4 +1,4 @@
-"""The `vidsim` command: one subcommand per stage (DESIGN.md, "Command line").
+"""The `vidsim` command: one subcommand per stage.
 
 Each subcommand is a function `run_<name>(args, config)` in the module that does the
 work; this file only parses arguments, loads the config and maps errors to exit
@@ -10,6 +10,8 @@ import importlib
 import sys
 
 from vidsim import config as config_lib
+from vidsim import malloc
+from vidsim.tasks import TASKS  # numpy only: keeps `vidsim --help` fast.
 from vidsim.errors import StoppedError, UsageError
 from vidsim.log import get_logger
 
@@ -74,9 +76,7 @@ def _sample_cmd(sub):
   _add_workdir_arg(p)
   p.add_argument("--prompt", required=True, help="text prompt")
   p.add_argument("--out", required=True, help="output: .mp4 / .gif / .webm video, or .png for one frame")
-  from vidsim.tasks import TASKS  # numpy only: keeps `vidsim --help` fast.
-
-  p.add_argument("--task", default="", choices=TASKS, help="default: i2v with --image, t2i with --frames 1, else t2v")
+  p.add_argument("--task", default="", choices=list(TASKS), help="default: i2v with --image, t2i with --frames 1, else t2v")
   p.add_argument("--frames", type=int, default=None, help="output frames (extend: total length; default sample.frames)")
   p.add_argument("--height", type=int, default=None, help="output height (default sample.height or the input's)")
   p.add_argument("--width", type=int, default=None, help="output width (default sample.width or the input's)")
@@ -113,10 +113,10 @@ COMMANDS = {
     "config": (_config_cmd, "vidsim.cli:run_config"),
     "data": (_data_cmd, "vidsim.data.commands:run_data"),
     "train-vae": (_train_vae_cmd, "vidsim.train.vae_loop:run_train_vae"),
-    "eval-vae": (_eval_vae_cmd, "vidsim.train.vae_loop:run_eval_vae"),
+    "eval-vae": (_eval_vae_cmd, "vidsim.eval.vae:run_eval_vae"),
     "encode": (_encode_cmd, "vidsim.latents:run_encode"),
     "train": (_train_cmd, "vidsim.train.dit_loop:run_train"),
-    "sample": (_sample_cmd, "vidsim.sample:run_sample"),
+    "sample": (_sample_cmd, "vidsim.sample.command:run_sample"),
     "bench": (_bench_cmd, "vidsim.bench:run_bench"),
     "demo": (_demo_cmd, "vidsim.demo:run_demo"),
 }
@@ -170,8 +170,6 @@ def run_config(args, config):
 def entry():
   """The installed `vidsim` command (and `python -m vidsim`): main() in a process
   whose malloc uses huge pages (vidsim/malloc.py). Tests call main() directly."""
-  from vidsim import malloc
-
   malloc.reexec_with_hugepages()
   sys.exit(main())
 

@@ -24,6 +24,7 @@ import functools
 import json
 import os
 
+import grain
 import jax
 import numpy as np
 from array_record.python.array_record_data_source import ArrayRecordDataSource
@@ -33,10 +34,13 @@ from flax import nnx, serialization
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from vidsim.data import pipeline
+from vidsim import mesh as mesh_lib
+from vidsim.atomic import write_atomically
+from vidsim.data import packing, pipeline
 from vidsim.errors import UsageError
 from vidsim.log import get_logger, is_chief, progress
 from vidsim.models import text as text_lib
+from vidsim.trained import TrainedVAE
 
 log = get_logger("encode")
 
@@ -44,9 +48,7 @@ CACHE_DIR = "latents"
 
 
 def run_encode(args, config):
-  from vidsim.train.loop import job_mesh
-
-  encode_cache(config, args.workdir, job_mesh(config))
+  encode_cache(config, args.workdir, mesh_lib.job_mesh(config))
 
 
 def cache_dir(workdir) -> epath.Path:
@@ -58,8 +60,6 @@ def shard_name(split, index, count):
 
 
 def encode_cache(config, workdir, mesh):
-  from vidsim.train.vae_loop import TrainedVAE
-
   vae = TrainedVAE(config, workdir, mesh)
   root = cache_dir(workdir)
   root.mkdir(parents=True, exist_ok=True)
@@ -78,14 +78,14 @@ def encode_cache(config, workdir, mesh):
     for k in progress(todo, desc=f"encode {split}", unit="shard"):
       indices = range(k * per_shard, min((k + 1) * per_shard, total))
       records = encoder.encode_examples(source, indices)
-      _write_atomically(root / shard_name(split, k, count), functools.partial(_write_records, records=records))
+      write_atomically(root / shard_name(split, k, count), functools.partial(_write_records, records=records))
 
   # Everyone's shards exist before process 0 lists them.
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("vidsim_encode_done")
   if is_chief():
     manifest = _build_manifest(root, config, vae)
-    _write_atomically(root / "manifest.json", lambda tmp: tmp.write_text(json.dumps(manifest, indent=2) + "\n"))
+    write_atomically(root / "manifest.json", lambda tmp: tmp.write_text(json.dumps(manifest, indent=2) + "\n"))
     log.info("latent cache: %s", ", ".join(f"{s}: {m['num_examples']} examples in {len(m['shards'])} shards"
                                            for s, m in manifest["splits"].items()))
   return root
@@ -156,14 +156,6 @@ def _encode(graphdef, params, video, config):
   return model.encode(video)
 
 
-def _write_atomically(path: epath.Path, write):
-  """`write(tmp)` fills <path>.tmp-<pid>, which is then renamed to `path`: a file of the
-  cache either exists whole or not at all (leftover temporaries are removed at start)."""
-  tmp = path.parent / f"{path.name}.tmp-{os.getpid()}"
-  write(tmp)
-  os.replace(tmp, path)
-
-
 def _write_records(path, records):
   writer = ArrayRecordWriter(str(path), "group_size:1")
   for record in records:
@@ -215,7 +207,7 @@ def _build_manifest(root, config, vae):
     counts = collections.Counter(ids)
     index_name = f"{split}-shape-ids.npy"
     ids = np.asarray(ids, np.uint16 if len(table) < 2**16 else np.int32)
-    _write_atomically(root / index_name, functools.partial(_write_npy, array=ids))
+    write_atomically(root / index_name, functools.partial(_write_npy, array=ids))
     splits[split] = {
         "num_examples": len(ids),
         "shards": shards,
@@ -291,10 +283,6 @@ def packed_latents(config, workdir, split, manifest, *, seed, process_index=None
   `data.prefetch` batches are prepared ahead by a thread (grain's, which checkpoints the
   position of the last batch handed out, not of the last one prepared).
   """
-  import grain
-
-  from vidsim.data import packing
-
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   shapes = latent_shapes(workdir, split, manifest)

@@ -151,6 +151,14 @@ def _grouped_hybrid_grid(ici, dcn, devices):
   return stacked.transpose(order).reshape([d * i for d, i in zip(dcn, ici)])
 
 
+def job_mesh(config) -> Mesh:
+  """Start of every stage command: jax.distributed (if several processes), then the mesh."""
+  init_distributed(config)
+  mesh = make_mesh(config)
+  log.info("mesh: %s", describe(mesh))
+  return mesh
+
+
 def describe(mesh: Mesh) -> str:
   return ", ".join(f"{name}={size}" for name, size in mesh.shape.items())
 
@@ -216,6 +224,33 @@ def batch_sharding(mesh: Mesh, config, ndim: int) -> NamedSharding:
 def constrain(x, *logical_axes):
   """Constrains an activation by logical names, inside jit under `activate(...)`."""
   return nn.with_logical_constraint(x, logical_axes)
+
+
+# ------------------------------------------------------------------ models on the mesh
+
+
+def abstract_model(build, config, mesh: Mesh):
+  """(graphdef, abstract params, param shardings) of `build()` without allocating weights."""
+  with activate(mesh, config):
+    abstract = nnx.eval_shape(build)
+  graphdef, params, others, shardings = split_model(abstract, mesh, config)
+  if jax.tree.leaves(others):
+    raise TypeError(f"{type(abstract).__name__} must hold only nnx.Param variables, found {others}")
+  return graphdef, params, shardings
+
+
+def split_model(model, mesh: Mesh, config):
+  """(graphdef, params, others, param_shardings) of an NNX model, as plain dicts.
+
+  Params train; `others` (non-Param variables) ride along unchanged. Plain dicts keep
+  the train state a simple pytree for jit, optax and Orbax.
+  """
+  graphdef, params, others = nnx.split(model, nnx.Param, ...)
+  shardings = param_shardings(params, mesh, config)
+  return graphdef, nnx.to_pure_dict(params), others, nnx.to_pure_dict(shardings)
+
+
+# ------------------------------------------------------------------ batches
 
 
 def data_parallel_size(mesh: Mesh, config) -> int:

@@ -12,6 +12,7 @@ patch grid (t / pt, h / ph, w / pw), which 3D RoPE reads.
 import jax.numpy as jnp
 import numpy as np
 
+from vidsim import sizes
 from vidsim.errors import UsageError
 
 
@@ -23,18 +24,12 @@ def patch_grid_shape(grid_shape, patch_size) -> tuple:
     raise UsageError(f"dit.patch_size must be three positive ints (pt, ph, pw), got {patch_size}")
   bad = [(name, s, p) for name, s, p in zip("thw", grid_shape, patch_size) if s % p or s < p]
   if bad:
-    hints = "; ".join(f"{name}={s} -> {_nearest_multiples(s, p)}" for name, s, p in bad)
+    hints = "; ".join(f"{name}={s} -> {sizes.choices(sizes.nearest(s, p))}" for name, s, p in bad)
     raise UsageError(
         f"latent grid (t, h, w) = {grid_shape} is not divisible by dit.patch_size {patch_size}; "
         f"nearest valid sizes: {hints}"
     )
   return tuple(s // p for s, p in zip(grid_shape, patch_size))
-
-
-def _nearest_multiples(size, p):
-  below = (size // p) * p
-  above = below + p
-  return f"{below} or {above}" if below > 0 else f"{above}"
 
 
 def grid_positions(patch_grid) -> np.ndarray:

@@ -12,6 +12,8 @@ import re
 
 from etils import epath
 
+from vidsim.atomic import write_atomically
+from vidsim.eval.vae import eval_path
 from vidsim.train.metrics import read_metrics
 
 _STYLE = """
@@ -74,9 +76,7 @@ def write_report(config, workdir, outputs, timings, quality_notes=None):
     parts.append(f"<img style='image-rendering:pixelated;width:480px' src='{_rel(workdir, recon[-1])}'>")
   parts.append("</body></html>")
   out = workdir / "report.html"
-  tmp = workdir / "report.html.tmp"
-  tmp.write_text("\n".join(parts))
-  os.replace(tmp, out)
+  write_atomically(out, lambda tmp: tmp.write_text("\n".join(parts)))
   return out
 
 
@@ -112,7 +112,7 @@ def _card(workdir, item):
 
 
 def _caption_gain_keys(dit_rows) -> list:
-  """The held-out caption gains (dit_eval: no caption, wrong direction, wrong digit) at the highest eval time."""
+  """The held-out caption gains (vidsim/train/dit_hooks.py: no caption, wrong direction, wrong digit) at the highest eval time."""
   keys = {k for row in dit_rows for k in row if re.fullmatch(r"val_\w+_gain_t\d+", k)}
   if not keys:
     return []
@@ -173,8 +173,6 @@ def _fmt(value):
 
 def _honest_summary(config, workdir, vae_rows, dit_rows, dit_logged, gains, val_psnr, quality_notes):
   lines = []
-  from vidsim.train.vae_loop import eval_path
-
   split_eval = eval_path(workdir, config.data.eval_split)
   vae_note = ("(an all-black frame scores about 17 dB on this world; the VAE benchmark's target is 30 dB). "
               "Every given frame below passes through it, so its softness is the VAE's.")

@@ -1,9 +1,9 @@
-"""Which latent frames are given clean: every generation task as one mechanism.
+"""Generation tasks: which latent frames are given clean, and the registry of tasks.
 
 A `Window` is one generation of a latent grid [t, h, w, c]: the frames in `clean`
 are held at `values` exactly (time 0, as the DiT saw conditioning frames in
 training), the rest are integrated from noise. Tasks only differ in the windows
-they build and how they stitch the results (DESIGN.md, "Representation"):
+they build and how they stitch the results:
 
   t2v / t2i        nothing clean (t2i is one latent frame)
   i2v              latent frame 0 = the encoded image
@@ -16,15 +16,18 @@ they build and how they stitch the results (DESIGN.md, "Representation"):
 Everything here is numpy and pure; the sequential tasks take a `generate` callback
 (list of Windows -> latents [N, t, h, w, c]) so they are testable without a model.
 All latents are in the DiT's normalised space.
+
+`TASKS` is the registry that `vidsim sample`, the demo and the tests read: one `Task`
+per name, declaring its inputs, its output length, whether it slides a window, and
+how it runs. Adding a task is one entry (and its test).
 """
 
 import dataclasses
+from typing import Callable, Optional
 
 import numpy as np
 
 from vidsim.errors import UsageError
-
-TASKS = ("t2v", "t2i", "i2v", "extend-forward", "extend-backward", "loop", "edit", "connect")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,3 +192,114 @@ def pixel_given(given_latent, temporal_compression: int) -> np.ndarray:
   """bool [T] pixel frames from bool [t] latent frames (latent 0 = pixel 0; then ct each)."""
   given_latent = np.asarray(given_latent, bool)
   return np.concatenate([given_latent[:1], np.repeat(given_latent[1:], temporal_compression)])
+
+
+# ------------------------------------------------------------------ the registry
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskRun:
+  """What a task's `run` gets: the output's latent grid, the window settings, and the
+  engine's two callbacks (noise -> latents for windows; a uint8 clip -> its latents,
+  repeated for every sample)."""
+
+  grid: tuple  # (t, h, w, c) of the output (extensions: the whole extended length).
+  window: int  # Latent frames of one sliding window (extend, loop's bridge).
+  overlap: int  # Latent frames two windows share (0 = a third of the window).
+  strength: float  # SDEdit start time (edit).
+  num_samples: int
+  sample: Callable  # [Window] -> latents [N, t, h, w, c]
+  encode: Callable  # uint8 [T, H, W, 3] -> latents [N, t, h, w, c]
+  image: Optional[np.ndarray] = None  # uint8 [H, W, 3]
+  video: Optional[np.ndarray] = None  # uint8 [T, H, W, 3]
+  video2: Optional[np.ndarray] = None
+
+
+# Input name -> (command-line flag, example file, what it is).
+INPUTS = {
+    "image": ("--image", "I.png", "the first frame"),
+    "video": ("--video", "V.mp4", "the source clip"),
+    "video2": ("--video2", "V2.mp4", "the second clip"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  name: str
+  help: str
+  run: Callable[[TaskRun], Stitched]
+  inputs: tuple = ()  # Names from INPUTS, all required.
+  length: str = "frames"  # The output's pixel frames: "frames" (--frames), "one" (an image), "source" (the video's).
+  windowed: bool = False  # Slides windows of sample.window_frames, which must be a valid size too.
+  extends: bool = False  # --frames must be longer than the input video.
+  takes_strength: bool = False  # Reads --strength (SDEdit).
+
+
+def _t2v(run: TaskRun) -> Stitched:
+  return Stitched(run.sample([empty_window(run.grid)] * run.num_samples), np.zeros(run.grid[0], bool))
+
+
+def _i2v(run: TaskRun) -> Stitched:
+  first = run.encode(run.image[None])[0, :1]
+  windows = [prefix_window(first, run.grid[0]) for _ in range(run.num_samples)]
+  return Stitched(run.sample(windows), windows[0].clean.copy())
+
+
+def _extend(forward: bool):
+  return lambda run: extend(run.sample, run.encode(run.video), run.grid[0], run.window, run.overlap, forward)
+
+
+def _connect(run: TaskRun) -> Stitched:
+  return connect(run.sample, run.encode(run.video), run.encode(run.video2), run.grid[0], run.overlap)
+
+
+def _loop(run: TaskRun) -> Stitched:
+  return loop(run.sample, run.num_samples, run.grid[0], run.grid[1:], run.window, run.overlap)
+
+
+def _edit(run: TaskRun) -> Stitched:
+  source = run.encode(run.video)
+  edited = run.sample([edit_window(s, run.strength) for s in source])
+  return Stitched(edited, np.zeros(source.shape[1], bool))
+
+
+TASKS = {
+    task.name: task
+    for task in (
+        Task("t2v", "text to video", _t2v),
+        Task("t2i", "text to image (one frame)", _t2v, length="one"),
+        Task("i2v", "image to video: the image is the first frame", _i2v, inputs=("image",)),
+        Task("extend-forward", "continue a video to --frames", _extend(True), inputs=("video",), windowed=True,
+             extends=True),
+        Task("extend-backward", "make what came before a video, to --frames", _extend(False), inputs=("video",),
+             windowed=True, extends=True),
+        Task("loop", "a clip whose end leads back into its start", _loop, windowed=True),
+        Task("edit", "SDEdit a video towards the prompt", _edit, inputs=("video",), length="source",
+             takes_strength=True),
+        Task("connect", "a transition from the end of --video to the start of --video2", _connect,
+             inputs=("video", "video2")),
+    )
+}
+
+
+def get(name: str) -> Task:
+  if name not in TASKS:
+    raise UsageError(f"unknown task {name!r}; valid: {', '.join(TASKS)}")
+  return TASKS[name]
+
+
+def check_given_inputs(task: Task, given: dict, strength, frames) -> None:
+  """UsageError for inputs a task needs but was not given, or was given but does not read.
+  given: {input name: bool}; strength and frames: the flags' values (None = not set)."""
+  for name, (flag, example, what) in INPUTS.items():
+    if name in task.inputs and not given.get(name):
+      needed = " and ".join(f"{INPUTS[n][0]} {INPUTS[n][1]}" for n in task.inputs)
+      raise UsageError(f"--task {task.name} needs {needed}")
+    if given.get(name) and name not in task.inputs:
+      readers = ", ".join(t.name for t in TASKS.values() if name in t.inputs)
+      raise UsageError(f"{flag} is {what} of --task {readers}; --task {task.name} takes no {flag}")
+  if strength is not None and not task.takes_strength:
+    readers = ", ".join(t.name for t in TASKS.values() if t.takes_strength)
+    raise UsageError(f"--strength is the SDEdit noise level of --task {readers}; --task {task.name} does not use it")
+  if task.length == "one" and frames not in (None, 1):
+    raise UsageError(f"--task {task.name} makes one frame; drop --frames {frames} or use --frames 1")

@@ -116,7 +116,7 @@ def change_digits(caption: str) -> str:
 
 
 # Captions that each get one attribute wrong: the DiT's held-out loss with them, minus
-# with the true caption, says how much it has learnt to use that attribute (dit_eval).
+# with the true caption, says how much it has learnt to use that attribute (vidsim/train/dit_hooks.py).
 COUNTERFACTUALS = {"direction": flip_directions, "digit": change_digits}
 
 

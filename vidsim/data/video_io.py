@@ -1,4 +1,5 @@
-"""Reading and writing videos (PyAV) and images (PIL), and per-frame byte encoding.
+"""Reading and writing videos (PyAV) and images (PIL), per-frame byte encoding, and the
+generated-output writers (one file per sample plus a contact sheet).
 
 Frames are always uint8 RGB arrays [H, W, 3]; videos are [T, H, W, 3].
 """
@@ -11,10 +12,16 @@ import av
 import numpy as np
 from PIL import Image
 
+from vidsim.atomic import write_atomically
 from vidsim.errors import UsageError
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".m4v", ".gif")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+OUTPUT_VIDEO_EXTENSIONS = (".mp4", ".gif", ".webm")  # What generated videos may be written as.
+GIVEN_COLOR = (255, 140, 0)  # Contact-sheet border of frames given as conditions.
+GENERATED_COLOR = (48, 48, 48)  # Border of generated frames.
+SHEET_MAX_COLUMNS = 24  # Longer videos are shown at evenly spaced frames.
+SHEET_BORDER = 3  # Pixels of the coloured frame border (thick enough to see at a glance).
 _WRITE_CODECS = {".mp4": ("libx264", "yuv420p"), ".webm": ("libvpx-vp9", "yuv420p"), ".gif": ("pil", "")}
 
 
@@ -142,3 +149,55 @@ def write_video(path, frames: np.ndarray, fps: float) -> None:
         container.mux(packet)
     for packet in stream.encode():
       container.mux(packet)
+
+
+# ------------------------------------------------------------------ generated outputs
+
+
+def contact_sheet(videos, given, min_side: int = 64) -> np.ndarray:
+  """uint8 [rows*H', cols*W', 3]: one row per sample, frames left to right, each framed
+  by a SHEET_BORDER-pixel border, orange where the frame was given as a condition."""
+  videos = np.asarray(videos, np.uint8)
+  n, t, h, w, _ = videos.shape
+  columns = np.unique(np.linspace(0, t - 1, min(t, SHEET_MAX_COLUMNS)).round().astype(int))
+  zoom = max(1, -(-min_side // min(h, w)))  # Nearest-neighbour upscale so small frames stay visible.
+  border = SHEET_BORDER
+  cell_h, cell_w = h * zoom + 2 * border, w * zoom + 2 * border
+  sheet = np.full((n * cell_h, len(columns) * cell_w, 3), 255, np.uint8)
+  for i in range(n):
+    for j, f in enumerate(columns):
+      y, x = i * cell_h, j * cell_w
+      sheet[y : y + cell_h, x : x + cell_w] = GIVEN_COLOR if given[f] else GENERATED_COLOR
+      frame = videos[i, f].repeat(zoom, axis=0).repeat(zoom, axis=1)
+      sheet[y + border : y + border + h * zoom, x + border : x + border + w * zoom] = frame
+  return sheet
+
+
+def sheet_path(out) -> str:
+  """O.mp4 -> O.sheet.png."""
+  return os.path.splitext(str(out))[0] + ".sheet.png"
+
+
+def output_paths(out, num_samples: int) -> list:
+  """One file per sample: O.ext for one sample, O_0.ext, O_1.ext, ... for several."""
+  if num_samples == 1:
+    return [str(out)]
+  stem, extension = os.path.splitext(str(out))
+  return [f"{stem}_{i}{extension}" for i in range(num_samples)]
+
+
+def write_outputs(out, videos, given, fps: float) -> list:
+  """Writes every sample of videos uint8 [N, T, H, W, 3] (a video by its extension, or a
+  PNG for one frame) and their contact sheet (`given`: bool [T], frames given as
+  conditions). Each file is written atomically. Returns the paths (samples, then sheet)."""
+  written = []
+  for path, video in zip(output_paths(out, len(videos)), videos):
+    if path.lower().endswith(".png"):
+      write_atomically(path, lambda tmp, v=video: write_png(tmp, v[0]))
+    else:
+      write_atomically(path, lambda tmp, v=video: write_video(tmp, v, fps))
+    written.append(path)
+  sheet = sheet_path(out)
+  write_atomically(sheet, lambda tmp: write_png(tmp, contact_sheet(videos, given)))
+  written.append(sheet)
+  return written

@@ -16,8 +16,13 @@ Counting rule (the one MFU is quoted against):
   counted (model FLOPs, not hardware FLOPs).
 """
 
+import math
+
+import jax
+from flax import nnx
+
 from vidsim.models import layers
-from vidsim.models.dit import MODULATIONS, patch_features
+from vidsim.models.dit import MODULATIONS, DiT, patch_features
 from vidsim.models.text import TEXT_MLP_RATIO
 
 
@@ -66,12 +71,5 @@ def dit_flops_per_step(config, rows, row_tokens, text_tokens_per_row, segments_p
 def dit_param_count(config) -> int:
   """Parameters of the DiT for this config (text encoder included), counted on an
   abstract model: nothing is allocated."""
-  import math
-
-  import jax
-  from flax import nnx
-
-  from vidsim.models.dit import DiT
-
   abstract = nnx.eval_shape(lambda: DiT(config, rngs=nnx.Rngs(0)))
   return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))

@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from vidsim.config import base_config
+from vidsim import quality, sizes
 from vidsim.errors import UsageError
 from vidsim.mesh import constrain
 
@@ -56,28 +57,19 @@ def check_config(config) -> None:
     raise UsageError("vae.blocks_per_level must be >= 0 and vae.latent_channels >= 1")
 
 
-def _nearest(value, step, offset=0):
-  """The valid sizes offset + k*step (k >= 0, size >= 1) just below and above value."""
-  below = offset + max((value - offset) // step, 0) * step
-  if below < 1:
-    below += step
-  above = below if below >= value else below + step
-  return sorted({below, above})
-
-
 def check_video_shape(config, frames: int, height: int, width: int) -> None:
-  """Bad-input policy (issue 4 item 5): a clip whose size the VAE cannot tile exactly is
-  an error naming the dimension and the nearest valid sizes, never silently cropped.
+  """A clip whose size the VAE cannot tile exactly is an error naming the dimension and
+  the nearest valid sizes, never silently cropped.
 
   Valid: frames = 1 + k*ct (k >= 0), height and width positive multiples of cs.
   """
   ct, cs = config.vae.temporal_compression, config.vae.spatial_compression
   problems = []
   if frames < 1 or (frames - 1) % ct:
-    problems.append(f"frames={frames} is not 1 + k*{ct} (nearest valid: {_nearest(frames, ct, 1)})")
+    problems.append(f"frames={frames} is not 1 + k*{ct} (nearest valid: {sizes.nearest(frames, ct, 1)})")
   for name, size in (("height", height), ("width", width)):
     if size < cs or size % cs:
-      problems.append(f"{name}={size} is not a multiple of {cs} (nearest valid: {_nearest(size, cs)})")
+      problems.append(f"{name}={size} is not a multiple of {cs} (nearest valid: {sizes.nearest(size, cs)})")
   if problems:
     raise UsageError(
         f"video of shape (T={frames}, H={height}, W={width}) does not fit the VAE "
@@ -416,13 +408,6 @@ def kl_divergence(mean, logvar):
   return 0.5 * jnp.mean(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
 
 
-def psnr(recon, video):
-  """Mean over clips of PSNR in dB, with [-1, 1] mapped to [0, 1] and recon clipped."""
-  err = jnp.square((jnp.clip(recon, -1.0, 1.0) - video) / 2.0)
-  mse = jnp.mean(err.reshape(err.shape[0], -1), axis=1)
-  return jnp.mean(10.0 * jnp.log10(1.0 / jnp.maximum(mse, 1e-10)))
-
-
 def vae_loss(model, video, rng, config):
   """loss = recon (L1 or L2 per pixel) + kl_weight * KL (per latent element)
   [+ frame_diff_weight * L1 of frame differences]. Returns (loss, metrics)."""
@@ -443,7 +428,7 @@ def vae_loss(model, video, rng, config):
     frame_diff = jnp.mean(jnp.abs(diff[:, 1:] - diff[:, :-1])) if video.shape[1] > 1 else jnp.zeros(())
     loss = loss + config.vae_train.frame_diff_weight * frame_diff
     metrics["frame_diff"] = frame_diff
-  metrics["psnr"] = jax.lax.stop_gradient(psnr(recon, video))
+  metrics["psnr"] = jax.lax.stop_gradient(quality.psnr(video, recon))
   metrics["loss"] = loss
   return loss, metrics
 

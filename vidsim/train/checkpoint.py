@@ -1,6 +1,6 @@
 """Orbax checkpoints for a training stage: one CheckpointManager per stage directory.
 
-Items per step (DESIGN.md, "Checkpoints"):
+Items per step:
   state     train state pytree (params, opt_state, ema, step, rng), restored against
             abstract arrays that carry the CURRENT mesh's shardings, so a checkpoint
             written on one slice loads on another;
@@ -235,6 +235,52 @@ def open_latest(candidates, what: str, hint: str = ""):
     reader.close()
   where = " or ".join(str(c) for c in candidates)
   raise UsageError(f"no {what} checkpoint in {where}" + (f": {hint}" if hint else ""))
+
+
+def restore_weights(candidates, what: str, hint: str, abstract_params, shardings, items=("ema",), extra=None):
+  """The one way a trained model is loaded, for sampling, encoding and fine-tuning.
+
+  Opens the latest complete checkpoint of the first of `candidates` that has one,
+  checks the saved parameter names and shapes against the model's, and restores the
+  state entries `items` (each shaped like the params: "params", "ema") onto
+  `shardings` (a pytree like the params, or one Sharding for all; the CURRENT mesh's),
+  plus `extra` (state entries given as abstract arrays with their shardings).
+  Returns (restored dict, step, checkpoint directory).
+  """
+  reader, step = open_latest(candidates, what, hint)
+  try:
+    saved = reader.saved_state_shapes(step)
+    mismatched = _mismatches(abstract_params, saved["params"])
+    if mismatched:
+      raise UsageError(f"the {what} checkpoint in {reader.directory} (step {step}) does not fit this model:"
+                       "\n  " + "\n  ".join(mismatched))
+    if isinstance(shardings, jax.sharding.Sharding):
+      shardings = jax.tree.map(lambda _: shardings, abstract_params)
+    target = {item: abstract_like(abstract_params, shardings) for item in items}
+    restored = reader.restore_subset(step, {**target, **(extra or {})})
+    return restored, step, reader.directory
+  finally:
+    reader.close()
+
+
+def _mismatches(current, saved) -> list:
+  """Human-readable differences in parameter names and shapes."""
+  current_flat, saved_flat = _by_name(current), _by_name(saved)
+  problems = []
+  for name, value in current_flat.items():
+    if name not in saved_flat:
+      problems.append(f"{name}: missing in checkpoint")
+    elif tuple(saved_flat[name].shape) != tuple(value.shape):
+      problems.append(f"{name}: checkpoint {tuple(saved_flat[name].shape)} vs model {tuple(value.shape)}")
+  problems += [f"{name}: in checkpoint, not in model" for name in saved_flat if name not in current_flat]
+  return problems
+
+
+def _by_name(tree) -> dict:
+  """{'decoder/blocks/0/conv1/kernel': leaf}: list indices and dict keys alike (Orbax saves both as str)."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  name = lambda path: "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+  return {name(path): leaf for path, leaf in flat}
 
 
 def absolute(path) -> epath.Path:

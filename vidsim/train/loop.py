@@ -13,17 +13,16 @@ import signal
 from typing import Any, Callable, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from etils import epath
-from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec
 
 from vidsim import config as config_lib
 from vidsim import mesh as mesh_lib
-from vidsim.errors import StoppedError, UsageError
+from vidsim.errors import StoppedError
 from vidsim.log import get_logger, is_chief, progress
-from vidsim.train.checkpoint import Checkpointer, abstract_like, open_latest
+from vidsim.train.checkpoint import Checkpointer, abstract_like, restore_weights
 from vidsim.train.metrics import MetricsWriter, StepTimer, peak_flops_per_s
 
 log = get_logger("train")
@@ -45,14 +44,14 @@ class StageSpec:
   train_step: Callable  # (state, global_batch) -> (state, metrics); jitted here.
   data_iter: Any  # grain DatasetIterator of host-local batches (checkpointed).
   to_global: Callable  # host-local batch -> dict of global jax.Arrays for the step.
-  batch_cost: Callable  # host-local batch -> (model FLOPs of the global step, dict of its counts, e.g. clips).
+  batch_cost: Callable  # host-local batch -> (its model FLOPs, dict of its counts, e.g. clips); summed over processes.
   every: list = dataclasses.field(default_factory=list)  # [(k, fn(state, step) -> metrics dict or None)] periodic hooks.
   before_final_save: Optional[Callable] = None  # state -> state at the last step (e.g. latent stats).
   summarize_units: Optional[Callable] = None  # summed counts since the last log -> extra metrics.
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop checks at each step boundary."""
+  """Turns SIGTERM into a flag the loop checks at step boundaries."""
 
   def __init__(self):
     self.requested = False
@@ -72,16 +71,58 @@ class _Preemption:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
 
-  def agreed(self, checkpointer, step) -> bool:
-    """All processes must stop at the same step: any one's SIGTERM stops them all."""
-    local = self.requested or checkpointer.reached_preemption(step)
+  def agreed(self, checkpointer, step, sync: bool) -> bool:
+    """All processes must stop at the same step. jax's preemption sync point (TPU) is
+    the same step everywhere by construction and is asked every step; a SIGTERM seen by
+    one process is shared by an all-gather, only where `sync` (log and checkpoint steps)."""
+    if checkpointer.reached_preemption(step):
+      return True
     if jax.process_count() == 1:
-      return local
-    return bool(np.any(multihost_utils.process_allgather(np.asarray(local))))
+      return self.requested
+    return sync and bool(np.any(multihost_utils.process_allgather(np.asarray(self.requested))))
+
+
+class _NonfiniteWatch:
+  """The longest run of non-finite steps, tracked on the device between host checks.
+
+  The step counts `nonfinite_in_a_row` in the state; reading it every step would make
+  the host wait for every step. Instead a tiny jitted update keeps the first step at
+  which the run reached the limit, and the host reads it at log and checkpoint steps,
+  before any save, so no checkpoint is written after the limit was reached.
+  """
+
+  def __init__(self, limit: int):
+    self.limit = limit
+    self.first_step = jnp.asarray(-1, jnp.int32)
+    self.peak = jnp.asarray(0, jnp.int32)
+
+    @jax.jit
+    def update(first_step, peak, in_a_row, step):
+      reached = (in_a_row >= limit) & (first_step < 0)
+      return jnp.where(reached, step, first_step), jnp.where(first_step < 0, jnp.maximum(peak, in_a_row), peak)
+
+    self._update = update
+
+  def add(self, state, step: int):
+    self.first_step, self.peak = self._update(self.first_step, self.peak, state["nonfinite_in_a_row"], step)
+
+  def check(self, spec, checkpointer):
+    first_step, peak = (int(x) for x in mesh_lib.to_host((self.first_step, self.peak)))
+    if first_step >= 0:
+      raise NonFiniteError(
+          f"{spec.name}: {peak} non-finite steps in a row at step {first_step}; stopped. "
+          f"The last good checkpoint is step {checkpointer.latest_step()} in {checkpointer.directory}. "
+          "Lower the learning rate or check the data."
+      )
 
 
 def run(spec: StageSpec, config, workdir, mesh):
-  """Trains a stage to `spec.steps`, resuming from its latest checkpoint. Returns the final state."""
+  """Trains a stage to `spec.steps`, resuming from its latest checkpoint. Returns the final state.
+
+  The host reads values from the devices only at log and checkpoint steps (metrics,
+  the non-finite watch, the preemption agreement between processes), so it prepares the
+  next batches while the devices still run earlier steps.
+  """
   stage_dir = epath.Path(workdir) / spec.name
   stage_dir.mkdir(parents=True, exist_ok=True)
   if is_chief():
@@ -108,6 +149,7 @@ def run(spec: StageSpec, config, workdir, mesh):
   peak = peak_flops_per_s(config)
   timer = StepTimer()
   window = _Window()
+  watch = _NonfiniteWatch(spec.max_nonfinite_steps)
   metrics = {}
 
   bar = progress(total=spec.steps, initial=step, desc=f"train {spec.name}", unit="step")
@@ -118,23 +160,22 @@ def run(spec: StageSpec, config, workdir, mesh):
         batch = spec.to_global(host_batch)
         state, step_metrics = jitted_step(state, batch)
         step += 1
-        in_a_row = int(mesh_lib.to_host(state["nonfinite_in_a_row"]))
-        elapsed = timer.lap()
-        window.add(elapsed, *spec.batch_cost(host_batch))
+        watch.add(state, step)
+        logging = step % spec.log_every == 0 or step == spec.steps
+        checkpointing = step % spec.checkpoint_every == 0 or step == spec.steps
+        if logging:
+          jax.block_until_ready(step_metrics)  # The window's time ends when its last step does.
+        window.add(timer.lap(), *spec.batch_cost(host_batch))
         bar.update(1)
+        if logging or checkpointing:
+          watch.check(spec, checkpointer)
 
-        if in_a_row >= spec.max_nonfinite_steps:
-          raise NonFiniteError(
-              f"{spec.name}: {in_a_row} non-finite steps in a row at step {step}; stopped. "
-              f"The last good checkpoint is step {checkpointer.latest_step()} in {checkpointer.directory}. "
-              "Lower the learning rate or check the data."
-          )
         hook_metrics, hooks_ran = {}, False
         for every, hook in spec.every:
           if every and step % every == 0:
             hook_metrics.update(hook(state, step) or {})
             hooks_ran = True
-        if step % spec.log_every == 0 or step == spec.steps:
+        if logging:
           metrics = {**_log_row(step_metrics, state, window, peak, spec.summarize_units), **hook_metrics}
           metrics_writer.write(step, metrics)
           bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
@@ -143,8 +184,8 @@ def run(spec: StageSpec, config, workdir, mesh):
 
         if step == spec.steps and spec.before_final_save is not None:
           state = spec.before_final_save(state)
-        preempted = preemption.agreed(checkpointer, step)
-        saving = step % spec.checkpoint_every == 0 or step == spec.steps or preempted
+        preempted = preemption.agreed(checkpointer, step, sync=logging or checkpointing)
+        saving = checkpointing or preempted
         if saving:
           checkpointer.save(step, state, spec.data_iter, config_dict, metrics, force=True)
         if saving or hooks_ran:
@@ -178,8 +219,24 @@ class _Window:
     for k, v in units.items():
       self.units[k] = self.units.get(k, 0) + v
 
+  def sum_over_processes(self):
+    """Each process added its own batches' work: the job's is their sum."""
+    names = sorted(self.units)
+    totals = _sum_over_processes([self.flops] + [self.units[k] for k in names])
+    self.flops = float(totals[0])
+    self.units = {k: type(self.units[k])(v) for k, v in zip(names, totals[1:])}
+
+
+def _sum_over_processes(local):
+  """Host values summed over all processes (one tiny host all-gather)."""
+  local = np.asarray(local, np.float64)
+  if jax.process_count() == 1:
+    return local
+  return np.asarray(multihost_utils.process_allgather(local)).sum(axis=0)
+
 
 def _log_row(step_metrics, state, window, peak, summarize_units=None):
+  window.sum_over_processes()
   row = {k: float(v) for k, v in mesh_lib.to_host(step_metrics).items()}
   # A per-range loss over no tokens (flow.flow_loss: `loss_X` with `tokens_X` == 0) is
   # no measurement; logged as 0 it drew false dips in the curves.
@@ -201,85 +258,11 @@ def _log_row(step_metrics, state, window, peak, summarize_units=None):
 def _load_weights(state, path, spec):
   """--config.init_from: model weights (params and EMA) from another run's checkpoint."""
   source = epath.Path(path)
-  reader, step = open_latest((source, source / spec.name / "checkpoints", source / "checkpoints"),
-                             spec.name, f"init_from={path} names no {spec.name} checkpoint")
-  source = reader.directory
-  saved = reader.saved_state_shapes(step)
-  mismatched = _mismatches(state["params"], saved["params"])
-  if mismatched:
-    raise UsageError(f"init_from={source} (step {step}) does not fit this model:\n  " + "\n  ".join(mismatched))
-  as_target = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-  restored = reader.restore_subset(step, {"params": jax.tree.map(as_target, state["params"]),
-                                          "ema": jax.tree.map(as_target, state["ema"])})
-  reader.close()
-  state = dict(state, params=restored["params"], ema=restored["ema"])
-  log.info("%s: initialised weights from %s step %d", spec.name, source, step)
-  return state
-
-
-def _mismatches(current, saved) -> list:
-  """Human-readable differences in parameter names and shapes."""
-  current_flat, saved_flat = _by_name(current), _by_name(saved)
-  problems = []
-  for name, value in current_flat.items():
-    if name not in saved_flat:
-      problems.append(f"{name}: missing in checkpoint")
-    elif tuple(saved_flat[name].shape) != tuple(value.shape):
-      problems.append(f"{name}: checkpoint {tuple(saved_flat[name].shape)} vs model {tuple(value.shape)}")
-  problems += [f"{name}: in checkpoint, not in model" for name in saved_flat if name not in current_flat]
-  return problems
-
-
-def _by_name(tree) -> dict:
-  """{'decoder/blocks/0/conv1/kernel': leaf}: list indices and dict keys alike (Orbax saves both as str)."""
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-  name = lambda path: "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-  return {name(path): leaf for path, leaf in flat}
-
-
-def job_mesh(config):
-  """Start of every stage command: jax.distributed (if several processes), then the mesh."""
-  mesh_lib.init_distributed(config)
-  mesh = mesh_lib.make_mesh(config)
-  log.info("mesh: %s", mesh_lib.describe(mesh))
-  return mesh
-
-
-def abstract_model(build, config, mesh):
-  """(graphdef, abstract params, param shardings) of `build()` without allocating weights."""
-  with mesh_lib.activate(mesh, config):
-    abstract = nnx.eval_shape(build)
-  graphdef, params, others, shardings = split_model(abstract, mesh, config)
-  if jax.tree.leaves(others):
-    raise TypeError(f"{type(abstract).__name__} must hold only nnx.Param variables, found {others}")
-  return graphdef, params, shardings
-
-
-def split_model(model, mesh, config):
-  """(graphdef, params, others, param_shardings) of an NNX model, as plain dicts.
-
-  Params train; `others` (non-Param variables) ride along unchanged. Plain dicts keep
-  the train state a simple pytree for jit, optax and Orbax.
-  """
-  graphdef, params, others = nnx.split(model, nnx.Param, ...)
-  shardings = mesh_lib.param_shardings(params, mesh, config)
-  return graphdef, nnx.to_pure_dict(params), others, nnx.to_pure_dict(shardings)
-
-
-def state_shardings(abstract_state, params, param_shardings, mesh):
-  """Shardings for a whole train state: every subtree shaped like the params (params,
-  EMA, optimizer moments) gets the params' shardings; everything else is replicated."""
-  params_def = jax.tree.structure(params)
-  replicated = NamedSharding(mesh, PartitionSpec())
-
-  def assign(subtree):
-    if jax.tree.structure(subtree) == params_def:
-      return param_shardings
-    if isinstance(subtree, dict):
-      return {k: assign(v) for k, v in subtree.items()}
-    if isinstance(subtree, (list, tuple)):
-      values = [assign(v) for v in subtree]
-      return type(subtree)(*values) if hasattr(subtree, "_fields") else type(subtree)(values)
-    return jax.tree.map(lambda _: replicated, subtree)
-
-  return assign(abstract_state)
+  params = state["params"]
+  restored, step, directory = restore_weights(
+      (source, source / spec.name / "checkpoints", source / "checkpoints"), spec.name,
+      f"init_from={path} names no {spec.name} checkpoint",
+      jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params),
+      jax.tree.map(lambda x: x.sharding, params), items=("params", "ema"))
+  log.info("%s: initialised weights from %s step %d", spec.name, directory, step)
+  return dict(state, params=restored["params"], ema=restored["ema"])

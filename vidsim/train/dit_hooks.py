@@ -1,4 +1,9 @@
-"""The DiT's loss on held-out latents, next to the same measure on training latents.
+"""The DiT trainer's periodic hooks: held-out loss, sample videos and probe scores.
+
+`training_hooks(...)` returns the [(every, hook)] list the loop runs; each hook is
+(state, step) -> metrics dict or None, and reads the EMA weights.
+
+Held-out loss: the DiT's loss on held-out latents, next to the same measure on training latents.
 
 The training loss draws fresh times and noise every step and mixes all timesteps, so
 it cannot tell learning from memorising. This hook measures, with the EMA weights
@@ -15,23 +20,35 @@ Metrics, logged to metrics.jsonl and TensorBoard at train.eval_every:
                                  attribute wrong (moving_digits.COUNTERFACTUALS: every
                                  direction reversed, every digit changed) minus the
                                  true captions': ~0 while the model ignores that word.
-The direction gain is the early sign that motion will follow the prompt: in the session-6
-run it rose from step 1,000 while the samples were still at chance at 2,000 (docs/generate.md).
+The direction gain is the early sign that motion will follow the prompt: it rises
+well before the sampled videos follow their prompts' directions (docs/generate.md).
+
+Samples: text-to-video for each train.sample_prompts, written to W/dit/samples/, and
+(on a world with ground truth) probe prompts scored by vidsim/digit_score.py.
 """
+
+import json
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 
-from vidsim import flow
+from vidsim import data as data_lib
+from vidsim import digit_score, flow, sizes
 from vidsim import latents as latents_lib
 from vidsim import mesh as mesh_lib
-from vidsim.data import packing
-from vidsim.log import get_logger
+from vidsim.data import moving_digits, packing, video_io
+from vidsim.errors import UsageError
+from vidsim.eval import probes
+from vidsim.log import get_logger, is_chief
 from vidsim.models import text as text_lib
+from vidsim.sample.engine import Engine, generate
+from vidsim.trained import TrainedVAE
 
-log = get_logger("dit_eval")
+log = get_logger("dit_hooks")
 EVAL_TIMES = (0.3, 0.6, 0.9)
 
 
@@ -52,10 +69,8 @@ def fixed_batches(config, workdir, split, manifest, count: int) -> list:
 
 def counterfactual_captions(config) -> dict:
   """{name: caption -> wrong caption} for the held-out gains: the world's, when the model reads caption bytes."""
-  if config.data.builder != "moving_digits" or config.text.encoder != "bytes":
+  if not data_lib.dataset_spec(config).world_truth or config.text.encoder != "bytes":
     return {}
-  from vidsim.data import moving_digits
-
   return dict(moving_digits.COUNTERFACTUALS)
 
 
@@ -150,3 +165,49 @@ def held_out_hooks(config, workdir, mesh, graphdef, manifest) -> list:
                 config.data.eval_split, sorted(manifest["splits"]))
     return []
   return [(tc.eval_every, HeldOutLoss(config, workdir, mesh, graphdef, manifest))]
+
+
+# ------------------------------------------------------------------ samples
+
+
+def training_samples(config, workdir, mesh, graphdef, state, step):
+  """The train loop's hook: t2v for each config.train.sample_prompts with the EMA
+  params, written to W/dit/samples/step_XXXXXX_<i>.gif (and one contact sheet)."""
+  s = config.sample
+  prompts = list(config.train.sample_prompts)
+  try:
+    sizes.check_output_size(config, s.frames, s.height, s.width)
+    vae = TrainedVAE(config, workdir, mesh)
+    engine = Engine(config, mesh, graphdef, state["ema"], vae.graphdef, vae.params, vae.shift, vae.scale)
+    generation = generate(engine, "t2v", prompts, frames=s.frames, height=s.height, width=s.width, seed=config.seed,
+                          steps=s.steps, sampler=s.sampler, guidance=s.guidance)
+  except UsageError as e:
+    # A bad sample setting must not end hours of training: say so loudly and train on.
+    log.error("step %d: no training samples: %s", step, e)
+    return
+  out_dir = epath.Path(workdir) / "dit" / "samples"
+  if is_chief():
+    out_dir.mkdir(parents=True, exist_ok=True)
+    extension = ".png" if s.frames == 1 else ".gif"
+    paths = video_io.write_outputs(str(out_dir / f"step_{step:06d}{extension}"), generation.videos,
+                                   generation.given, s.fps)
+    log.info("step %d: samples %s", step, ", ".join(os.path.basename(p) for p in paths))
+  if config.train.score_samples and s.frames > 1 and data_lib.dataset_spec(config).world_truth:
+    result = probes.score_probe(config, engine, config.train.score_samples)
+    log.info("step %d: probe samples (EMA): %s", step, digit_score.summary(result))
+    if is_chief():
+      line = {"step": step, **digit_score.headline(result)}
+      with (out_dir / "scores.jsonl").open("a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+def sample_hooks(config, workdir, mesh, graphdef) -> list:
+  """[(train.sample_every, samples for fixed prompts)], or [] when off."""
+  if not config.train.sample_every:
+    return []
+  return [(config.train.sample_every, lambda state, step: training_samples(config, workdir, mesh, graphdef, state, step))]
+
+
+def training_hooks(config, workdir, mesh, graphdef, manifest) -> list:
+  """Every periodic hook of the DiT trainer, in the order they run at a step."""
+  return held_out_hooks(config, workdir, mesh, graphdef, manifest) + sample_hooks(config, workdir, mesh, graphdef)

@@ -1,0 +1,1 @@
+"""Evaluation of trained models. Every result is a JSON file under W/eval/."""

@@ -1,0 +1,70 @@
+"""The DiT's update step: rectified flow on packed rows, with gradient accumulation.
+
+`init_state(config, optimizer)` builds the train state; `make_train_step(config,
+graphdef, optimizer)` returns the pure `(state, batch) -> (state, metrics)` that the
+loop, `vidsim bench` and `vidsim compile` all jit; `flops_for_batch` counts its work.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vidsim import flow
+from vidsim.data import packing
+from vidsim.models import build
+from vidsim.models import flops as flops_lib
+from vidsim.train import optim
+
+
+def init_state(config, optimizer):
+  _, params = nnx.split(build.build_dit(config), nnx.Param)
+  return optim.init_train_state(nnx.to_pure_dict(params), optimizer, config.seed)
+
+
+def make_train_step(config, graphdef, optimizer):
+  """The pure step (state, packed global batch) -> (state, metrics): rectified flow."""
+  tc = config.train
+
+  def loss_fn(params, batch, rng):
+    inputs = flow.flow_training_inputs(rng, batch, config)
+    model = nnx.merge(graphdef, params)
+    v_pred = model(inputs["x_t"], inputs["t"], batch["positions"], batch["segment_ids"],
+                   packing.text_inputs(batch), inputs["drop_text"])
+    return flow.flow_loss(v_pred, inputs["v_target"], inputs["loss_mask"], inputs["t"])
+
+  def train_step(state, batch):
+    rng = optim.step_rng(state)
+    loss, metrics, grads = accumulate_gradients(loss_fn, state["params"], batch, rng, tc.grad_accum)
+    state, stats = optim.apply_gradients(state, loss, grads, optimizer, tc.ema_decay)
+    return state, {**metrics, **stats}
+
+  return train_step
+
+
+def accumulate_gradients(loss_fn, params, batch, rng, steps: int):
+  """Mean loss, metrics and gradients over `steps` micro-batches (rows split evenly),
+  one micro-batch live at a time, so memory is that of one micro-batch."""
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if steps == 1:
+    (loss, metrics), grads = grad_fn(params, batch, rng)
+    return loss, metrics, grads
+  micro = jax.tree.map(lambda x: x.reshape((steps, x.shape[0] // steps) + x.shape[1:]), batch)
+
+  def body(carry, inputs):
+    index, micro_batch = inputs
+    (loss, metrics), grads = grad_fn(params, micro_batch, jax.random.fold_in(rng, index))
+    return jax.tree.map(jnp.add, carry, (loss, metrics, grads)), None
+
+  zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), rng)))
+  (loss, metrics), grads = zeros
+  (loss, metrics, grads), _ = jax.lax.scan(body, (loss, metrics, grads), (jnp.arange(steps), micro))
+  scale = 1.0 / steps
+  return loss * scale, jax.tree.map(lambda m: m * scale, metrics), jax.tree.map(lambda g: g * scale, grads)
+
+
+def flops_for_batch(config, host_batch) -> float:
+  """Model FLOPs of one host batch's train step (see vidsim/models/flops.py)."""
+  rows, row_tokens = host_batch["segment_ids"].shape
+  text_tokens = host_batch["text_mask"].shape[1] * host_batch["text_mask"].shape[2]
+  segments = host_batch["segment_frames"].shape[1]
+  return flops_lib.dit_flops_per_step(config, rows, row_tokens, text_tokens, segments)
