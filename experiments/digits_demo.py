@@ -2,9 +2,10 @@
 
 Command:
   make demo                      # = vidsim demo --config experiments/digits_demo.py --workdir runs/demo
-Expected runtime: measured 14.2 minutes (851 s) on a quiet 2-core CPU, `make demo` on a
-fresh clone (session 4): data 3 s, VAE 2,000 steps 375 s, latent cache 20 s, DiT
-2,000 steps 440 s, ten sampling tasks 9 s, the probe 4 s, report < 1 s.
+Expected runtime: 14.2 minutes (851 s) for `make demo` on a fresh clone, 2 cores of an
+AMD EPYC (Zen 5), nothing else running (docs/benchmarks.md, "The machine behind these
+figures"): data 3 s, VAE 2,000 steps 375 s, latent cache 20 s, DiT 2,000 steps 440 s,
+ten sampling tasks 9 s, the probe 4 s, report < 1 s.
 Expected result: runs/demo/report.html with every task's output. Measured: VAE 27.4 dB
 PSNR over the whole validation split (EMA); DiT flow loss 2.02 -> 0.53, packing
 efficiency 0.94; probe 3/20 digit, 19/20 colour, 0/20 direction. The samples are
@@ -20,7 +21,7 @@ def get_config():
   # VAE: experiments/digits_vae.py's recipe on a shorter schedule; latents 4x4
   # spatial, 4x temporal.
   c.vae.latent_channels = 8
-  c.vae.spatial_only_levels = 3  # Faster, and more PSNR per step (docs/benchmarks.md "## VAE").
+  c.vae.spatial_only_levels = 3  # More PSNR per step (docs/benchmarks.md, VAE design notes).
   c.vae_train.recon_loss = "l2"
   c.data.batch_size = 8
   c.vae_train.steps = 2000
@@ -36,7 +37,7 @@ def get_config():
   c.dit.depth = 4
   c.dit.heads = 4
   c.dit.mlp = "swiglu"  # Faster than GELU on XLA:CPU at the same FLOPs.
-  c.dit.attention_impl = "einsum"  # The fastest attention on a CPU (docs/benchmarks.md "## DiT").
+  c.dit.attention_impl = "einsum"  # The fastest attention on a CPU (docs/benchmarks.md, DiT design notes).
   c.text.width = 64
   c.text.depth = 1
   c.train.steps = 2000

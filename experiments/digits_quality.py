@@ -12,12 +12,12 @@ Command:
       --prompt "a red 3 moves right" --out red3.mp4
   (or `vidsim demo --config experiments/digits_quality.py --workdir runs/digits_quality`,
   which runs every stage, every task and writes report.html)
-Expected runtime: at most about 2 hours on a 2-core CPU; ~111 min measured (session 7,
-from an empty workdir, stopped at DiT step 2,000 and timed in parts): data 28 s, VAE
+Expected runtime: ~111 min from an empty workdir with `vidsim demo`, on 2 cores of an AMD
+EPYC (Zen 5; docs/benchmarks.md, "The machine behind these figures"): data 28 s, VAE
 16.7 min, latent cache 90 s, DiT 1.20-1.24 s a step with the hooks (~92 min for 4,500),
-sampling every task 13 s, probe 6 s. That run matched the scored run below exactly
-(held-out losses and probe scores at steps 1,000-2,000).
-Expected result (session 7, step 4,500, EMA, Euler 30 steps, guidance 4): recognisable
+sampling every task 13 s, probe 6 s. The run is deterministic: a rerun gives the same
+held-out losses and probe scores.
+Expected result (step 4,500, EMA, Euler 30 steps, guidance 4): recognisable
 digits in the prompt's colour that move in the prompt's direction. Probe scores
 (W/dit/samples/scores.jsonl, 40 prompts: every digit in each of 4 directions) digit
 39/40, colour 40/40, direction 39/40; the scorer reads true rendered clips of this
@@ -26,7 +26,7 @@ world at digit 0.92, direction 0.95. 80 more prompts at 32x32: 79 / 80 / 79; 40 
 The digit comes from step ~2,000 (21/40), the direction from ~3,000 (17/40 there, 33/40
 at 3,500). The conditioned tasks keep the given frames, colour and motion better than
 the digit's shape. docs/generate.md ("What the outputs look like") has every task's
-command and still, the runs, and why each setting below is what it is.
+command and still, the training progress, and why each setting below is what it is.
 """
 
 import os
@@ -50,7 +50,7 @@ def get_config():
   c.dit.width = 256
   c.dit.depth = 6
   c.dit.heads = 4
-  c.dit.mlp = "swiglu"  # Faster than GELU on XLA:CPU at the same FLOPs (docs/benchmarks.md "## DiT").
+  c.dit.mlp = "swiglu"  # Faster than GELU on XLA:CPU at the same FLOPs (docs/benchmarks.md, DiT design notes).
   c.dit.attention_impl = "einsum"
   # Where a digit that "moves right" starts (on the left) is the largest thing its
   # direction tells the model at high noise, and RoPE alone cannot say where the left is.

@@ -5,9 +5,9 @@ Command:
   (one row per step: --config.train.rows_per_batch=1)
 Expected runtime: about 40 s on a quiet 2-core CPU (compile + 2 warmup + 5 timed steps).
 Expected result: step time, tokens/s and MFU against the in-process 2048^3 fp32
-matmul rate; measured on a quiet 2-core CPU (session 4, four runs): 2.08-2.14 s/step,
-956-987 tokens/s, MFU 0.49-0.53 (mean 0.51) against 471-496 GFLOP/s.
-The other variants and what limits them are in docs/benchmarks.md ("## DiT").
+matmul rate; measured on 2 cores of an AMD EPYC (Zen 5), nothing else running, four
+runs: 2.08-2.14 s/step, 956-987 tokens/s, MFU 0.49-0.53 (mean 0.51) against 471-496
+GFLOP/s. The other variants and what limits them are in docs/benchmarks.md ("DiT").
 """
 
 from vidsim.config import base_config
@@ -17,7 +17,7 @@ def get_config():
   c = base_config()
   c.dit.width = 512
   c.dit.depth = 8
-  # The fastest measured on a 2-core CPU (docs/benchmarks.md "## DiT" has the others):
+  # The fastest measured on a 2-core CPU (docs/benchmarks.md, "DiT", has the others):
   c.dit.heads = 4  # Head dim 128: half the softmax passes of 8 heads of 64.
   c.dit.mlp = "swiglu"  # XLA:CPU fuses GELU's backward with a transpose into a slow loop.
   c.dit.remat = "dots"  # Recomputing attention is cheaper than storing [layers, R, H, L, L] probabilities.

@@ -1,7 +1,7 @@
 """A VAE on real-image clips: synthetic camera moves over the two photographs bundled with
-scikit-learn (china.jpg, flower.jpg). No real video can be downloaded here; these clips
-have real image content (textures, edges, colour) but synthetic motion: pans and zooms
-of a virtual camera, with no moving objects, no motion blur and no compression history
+scikit-learn (china.jpg, flower.jpg), so nothing is downloaded. These clips have real
+image content (textures, edges, colour) but synthetic motion: pans and zooms of a
+virtual camera, with no moving objects, no motion blur and no compression history
 other than the mp4 written here.
 
 Commands (the folder path is this config's default):
@@ -10,13 +10,15 @@ Commands (the folder path is this config's default):
   vidsim train-vae --config experiments/photo_vae.py --workdir runs/photo_vae
 
 Running this file writes 2 photos x 6 camera paths = 12 mp4 files (33 frames, 64x64,
-8 fps) and a captions.jsonl naming the photo and the move. get_config() is the
-digits_vae VAE trained on that folder for a few minutes; the validation clips are other
-camera paths over the same two photographs (so: new views, not new content).
-Expected runtime: 240 steps, 4.5 minutes with the 2 cores shared (load average ~7).
+8 fps) and a captions.jsonl naming the photo and the move. get_config() trains a VAE of
+the digits_vae widths and optimizer settings on that folder for a few minutes; the
+validation clips are other camera paths over the same two photographs (so: new views,
+not new content).
+Expected runtime: 240 steps, 4.5 minutes on 2 cores of an AMD EPYC (Zen 5) shared with
+other jobs (load average ~7).
 Expected result: 16.5 dB PSNR on the 4 validation clips (whole clips, 33 frames at
-64x64), still rising fast; the digits_vae VAE scores 6.7 dB on them (out of domain).
-Measured figures and commands: docs/benchmarks.md, section VAE.
+64x64), still rising fast; a digits VAE scores 6.7 dB on them (out of domain).
+Measured figures and commands: docs/benchmarks.md, "Real images".
 """
 
 import json
@@ -43,7 +45,8 @@ def get_config():
   c.video_folder.frame_format = "png"  # Lossless: PSNR measures the VAE, not JPEG.
   c.data.buckets = ((9, SIZE, SIZE),)  # Native 64x64: random 9-frame windows of the 33.
   c.data.batch_size = 4  # The pixels of 16 digit clips at 32x32.
-  # The digits_vae model and optimizer settings, trained for a few minutes.
+  # digits_vae's widths and optimizer settings, trained for a few minutes; 16 latent
+  # channels and the base config's spatial_only_levels (2), unlike digits_vae.
   c.vae.latent_channels = 16
   c.vae_train.recon_loss = "l2"
   c.vae_train.steps = 240
