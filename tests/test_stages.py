@@ -62,7 +62,7 @@ def test_vae_evaluation_covers_every_record_of_the_split_once(trained_vae, repo_
   """train-vae ends with a whole-split PSNR; batching does not change it (pooled per
   value, every record once); `vidsim eval-vae` prints the same figure."""
   from vidsim.data import pipeline
-  from vidsim.train.vae_loop import evaluate_split
+  from vidsim.eval.vae import evaluate_split
 
   workdir, config = trained_vae
   written = json.loads((workdir / "eval" / "vae_psnr_validation.json").read_text())

@@ -44,11 +44,3 @@ def prepare(config, builder_config: str = ""):
   builder.download_and_prepare()
   return builder
 
-
-class _Spec:  # TEMPORARY until the registry lands
-  def __init__(self, world_truth):
-    self.world_truth = world_truth
-
-
-def dataset_spec(config):
-  return _Spec(config.data.builder == "moving_digits")

@@ -250,7 +250,7 @@ def restore_weights(candidates, what: str, hint: str, abstract_params, shardings
   reader, step = open_latest(candidates, what, hint)
   try:
     saved = reader.saved_state_shapes(step)
-    mismatched = _mismatches(abstract_params, saved["params"])
+    mismatched = [problem for item in items for problem in _mismatches(abstract_params, saved[item])]
     if mismatched:
       raise UsageError(f"the {what} checkpoint in {reader.directory} (step {step}) does not fit this model:"
                        "\n  " + "\n  ".join(mismatched))
