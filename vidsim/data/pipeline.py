@@ -332,7 +332,7 @@ def pixel_dataset(config, split, *, batch_multiple=1, process_index=None, proces
   object [b], fps float32 [b], example_id int64 [b], bucket int32 [b]. The global batch
   of a bucket is a multiple of batch_multiple and process_count; b = global / process_count.
   """
-  import jax
+  import jax  # Here, not at the top: grain workers import this module and need no jax.
 
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
@@ -364,17 +364,3 @@ def pixel_dataset(config, split, *, batch_multiple=1, process_index=None, proces
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=config.data.worker_count, per_worker_buffer_size=max(1, config.data.prefetch)))
   return ds
-
-
-def global_batch(local_batch: dict, mesh, config) -> dict:
-  """This process's batch -> jax.Arrays sharded over the batch rule (data, fsdp).
-
-  Captions stay host-local numpy strings (jax has no string arrays): the text encoder
-  tokenizes them per process before they join the batch.
-  """
-  from vidsim.mesh import make_global_batch
-
-  numeric = {k: v for k, v in local_batch.items() if k != "caption"}
-  out = make_global_batch(numeric, mesh, config)
-  out["caption"] = local_batch["caption"]
-  return out
