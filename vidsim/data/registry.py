@@ -46,7 +46,7 @@ class DatasetSpec:
     return tuple(getattr(self.builder_module(), "PRESETS", ()))
 
   def builder(self, config, preset: str, data_dir: str):
-    """The TFDS builder of `preset` (ignored by datasets without presets); not built yet."""
+    """The TFDS builder of `preset` (ignored by datasets without presets); nothing is built."""
     return self.builder_module().make_builder(config, preset, data_dir)
 
 
