@@ -2,11 +2,13 @@
 
 import json
 import os
+import threading
 
 import numpy as np
 import pytest
 
-from vidsim.data import builder_for, pipeline, prepare, video_io
+import vidsim.data as data_lib
+from vidsim.data import builder_for, pipeline, prepare, video_folder, video_io
 from vidsim.errors import UsageError
 
 
@@ -52,11 +54,40 @@ def test_prepare_reuses_and_changed_parameters_build_anew(tiny):
   assert not builder_for(tiny, "fixed").is_prepared()
 
 
-def test_pipeline_asks_for_prepare_when_missing(tiny):
+def test_readers_build_a_missing_world_and_say_what_they_build(tiny, caplog, capsys):
   with pytest.raises(UsageError, match="vidsim data prepare"):
-    pipeline.data_source(tiny, "train")
-  with pytest.raises(UsageError, match="valid"):
-    builder_for(tiny, "nonsense")
+    pipeline.data_source(tiny, "train", build=False)
+  source = pipeline.data_source(tiny, "train")  # What train-vae, encode and eval-vae call.
+  builder = builder_for(tiny)
+  assert len(source) == 12 and builder.is_prepared()
+  name = f"moving_digits/{builder.builder_config.name}"
+  assert f"dataset {name} is missing: building it now" in caplog.text
+  assert (f"building dataset {name} in {builder.data_dir}: preset mixed, train 12, validation 4, test 4 clips"
+          in caplog.text)
+  assert f"built dataset {name} in " in caplog.text
+  printed = capsys.readouterr()
+  for tfds_line in ("Downloading and preparing", "Unknown size", "downloaded and prepared"):
+    assert tfds_line not in printed.out + printed.err
+
+
+def test_other_processes_wait_for_process_0_to_build(tiny, monkeypatch):
+  monkeypatch.setattr(data_lib, "_POLL_S", 0.05)
+  process_0 = threading.Timer(0.3, prepare, args=(tiny,))
+  process_0.start()
+  try:
+    builder = data_lib.built(tiny, process_index=1)
+  finally:
+    process_0.join()
+  assert builder.is_prepared()
+  assert {s: i.num_examples for s, i in builder.info.splits.items()} == {"train": 12, "validation": 4, "test": 4}
+
+  # Nobody builds: process 1 gives up after BUILD_WAIT_S, naming the fix, and builds nothing itself.
+  monkeypatch.setattr(data_lib, "BUILD_WAIT_S", 0.2)
+  with tiny.unlocked():
+    tiny.moving_digits.seed = 1
+  with pytest.raises(UsageError, match="waited 0.2 s for process 0 .*`vidsim data prepare"):
+    data_lib.built(tiny, process_index=1)
+  assert not builder_for(tiny).is_prepared()
 
 
 def _write_folder(folder):
@@ -108,8 +139,11 @@ def test_video_folder_skips_bad_files_with_reasons(tiny, tmp_path):
   assert [p["reason"] for p in report["caption_problems"]][0] == "caption path points outside the folder"
   assert json.loads(open(builder.report_path).read()) == report
 
-  source = pipeline.data_source(tiny, "train")
-  examples = [pipeline.decode_example(source[i]) for i in range(len(source))]
+  # validation_fraction 0 still holds out one file: training needs both splits.
+  assert report["clips"]["train"] and report["clips"]["validation"]
+  examples = [pipeline.decode_example(source[i])
+              for source in (pipeline.data_source(tiny, "train"), pipeline.data_source(tiny, "validation"))
+              for i in range(len(source))]
   by_file = {}
   for e in examples:
     by_file.setdefault(e["metadata"]["file"], []).append(e)
@@ -130,6 +164,44 @@ def test_video_folder_skips_bad_files_with_reasons(tiny, tmp_path):
   assert prepare(tiny).build_report()["skipped"] == report["skipped"]
   video_io.write_png(folder / "another.png", np.zeros((8, 8, 3), np.uint8))
   assert builder_for(tiny).data_dir != builder.data_dir
+
+
+def _draw_names(count, below, above=1.0):
+  """`count` file names whose split_draw lies in [below, above), found by search."""
+  names = (f"img{i}.png" for i in range(10000))
+  return [n for n in names if below <= video_folder.split_draw(n) < above][:count]
+
+
+def test_small_folders_get_both_splits_whatever_the_fraction():
+  unlucky = _draw_names(3, 0.0, 0.3)  # By hash alone, all three go to validation at 0.3.
+  assert [video_folder.split_of(n, 0.3) for n in unlucky] == ["validation"] * 3
+  splits = video_folder.assign_splits(unlucky, 0.3)
+  assert len(splits["train"]) == 2 and len(splits["validation"]) == 1
+  assert sorted(splits["train"] + splits["validation"]) == sorted(unlucky)
+  for fraction in (0.0, 0.01, 0.99, 1.0):
+    splits = video_folder.assign_splits(unlucky[:2], fraction)
+    assert len(splits["train"]) == len(splits["validation"]) == 1, fraction
+  assert video_folder.assign_splits(unlucky[:1], 0.3) == {"train": unlucky[:1], "validation": []}  # Train needs it.
+  # A folder whose hash split already has both splits keeps it (built datasets stay reproducible).
+  mixed = _draw_names(2, 0.0, 0.3) + _draw_names(3, 0.3)
+  splits = video_folder.assign_splits(mixed, 0.3)
+  assert splits == {"train": mixed[2:], "validation": mixed[:2]}
+
+
+def test_a_three_file_folder_builds_train_and_validation(tiny, tmp_path):
+  folder = tmp_path / "three"
+  folder.mkdir()
+  for i, name in enumerate(_draw_names(3, 0.0, 0.3)):
+    video_io.write_png(folder / name, np.full((8, 12, 3), 40 * i, np.uint8))
+  _folder_config(tiny, folder)
+  with tiny.unlocked():
+    tiny.video_folder.validation_fraction = 0.3
+  with pytest.raises(UsageError, match="vidsim data prepare"):  # Readers never build a folder.
+    pipeline.data_source(tiny, "train")
+  assert not builder_for(tiny).is_prepared()
+  builder = prepare(tiny)
+  assert {s: i.num_examples for s, i in builder.info.splits.items()} == {"train": 2, "validation": 1}
+  assert len(pipeline.data_source(tiny, "train")) == 2
 
 
 def test_video_folder_needs_an_existing_folder(tiny, tmp_path):

@@ -189,22 +189,3 @@ def test_decode_example_and_data_source(mixed_config):
   window = pipeline.decode_example(source[0], frame_range=(0, 1))["video"]
   np.testing.assert_array_equal(window, video[:1])
 
-
-def test_global_batch_is_sharded_over_data_and_fsdp(mixed_config):
-  import jax
-
-  from vidsim import mesh as mesh_lib
-
-  config = config_lib.from_json(config_lib.to_json(mixed_config))
-  with config.unlocked():
-    config.mesh.ici.data = 4
-    config.mesh.ici.fsdp = 2
-  mesh = mesh_lib.make_mesh(config)
-  multiple = mesh_lib.data_parallel_size(mesh, config)
-  local = next(iter(pipeline.pixel_dataset(config, "train", batch_multiple=multiple)))
-  batch = pipeline.global_batch(local, mesh, config)
-  assert isinstance(batch["video"], jax.Array) and batch["video"].shape == local["video"].shape
-  assert batch["video"].shape[0] % 8 == 0
-  assert batch["video"].sharding.spec[0] == ("data", "fsdp")
-  np.testing.assert_array_equal(np.asarray(batch["video"]), local["video"])
-  assert list(batch["caption"]) == list(local["caption"])

@@ -10,6 +10,7 @@ from PIL import Image, ImageDraw
 
 from vidsim import data as data_lib
 from vidsim.data import pipeline
+from vidsim.data.video_io import write_png
 from vidsim.errors import UsageError
 from vidsim.log import get_logger
 
@@ -28,41 +29,27 @@ def run_data(args, config):
     raise UsageError(f"unknown data action {args.action!r}; valid: prepare, inspect")
 
 
-def _presets(config):
-  """moving_digits builder_config 'all' means every preset."""
-  if config.data.builder == "moving_digits" and config.data.builder_config == "all":
-    from vidsim.data.moving_digits_tfds import PRESETS
-
-    return list(PRESETS)
-  return [""]
-
-
 def prepare(config):
-  """Builds (or reuses) the datasets and caches each split's shape index."""
-  import tensorflow_datasets as tfds
-
-  tfds.disable_progress_bar()
-  for preset in _presets(config):
+  """Builds (or reuses) the datasets (every preset for data.builder_config=all) and
+  caches each split's shape index."""
+  for preset in data_lib.prepare_presets(config):
     start = time.time()
-    builder = data_lib.builder_for(config, preset)
-    reused = builder.is_prepared()
-    builder.download_and_prepare()
+    reused = data_lib.builder_for(config, preset).is_prepared()
+    builder = data_lib.prepare(config, preset)
     for split in builder.info.splits.keys():
       source = builder.as_data_source(split)
       pipeline.shape_index(source, os.path.join(builder.data_dir, f"vidsim-shapes-{split}.npy"))
     counts = ", ".join(f"{s} {i.num_examples}" for s, i in builder.info.splits.items())
     verb = "reused" if reused else f"built in {time.time() - start:.1f}s"
     print(f"{builder.name}/{builder.builder_config.name}: {counts} ({verb})\n  {builder.data_dir}")
-    if hasattr(builder, "build_report"):
-      from vidsim.data.video_folder import format_report
-
-      print(textwrap.indent(format_report(builder.build_report()), "  "))
-      print(f"  report: {builder.report_path}")
+    report = builder.build_report_text()
+    if report:
+      print(textwrap.indent(report, "  "))
 
 
 def inspect(config, split: str, out: str = ""):
   """Prints counts, the (frames, height, width) histogram, fps and bucket use; writes a sheet."""
-  source = pipeline.data_source(config, split)
+  source = pipeline.data_source(config, split, build=False)  # Looking must not build.
   builder = data_lib.builder_for(config)
   shapes = pipeline.split_shape_index(config, split, source)
   fps = collections.Counter()
@@ -85,8 +72,6 @@ def inspect(config, split: str, out: str = ""):
     count = min(SHEET_EXAMPLES, len(source))
     examples = [pipeline.decode_example(source[i]) for i in range(count)]
     sheet = contact_sheet(examples)
-    from vidsim.data.video_io import write_png
-
     write_png(out, sheet)
     print(f"contact sheet of {count} clips: {out}")
 

@@ -3,62 +3,21 @@
 Builder configs (presets): fixed, mixed, images, occlusion. Their parameters come from
 `config.moving_digits`; the built config's name is `<preset>-<hash of the parameters>`,
 so changing a size, a count or the seed builds a new dataset instead of silently
-reusing a stale one.
-
-Every vidsim pixel dataset (this one and video_folder) shares one record schema,
-`example_features()`: frames stored as encoded image bytes, one per frame.
+reusing a stale one. Records follow the shared schema of vidsim.data.records.
 """
 
 import dataclasses
-import hashlib
 import json
 
 import numpy as np
 import tensorflow_datasets as tfds
 
 from vidsim.data import moving_digits
-from vidsim.data.video_io import encode_image
+from vidsim.data.records import PixelDatasetBuilder, make_record, parameter_hash
 from vidsim.errors import UsageError
 
 PRESETS = ("fixed", "mixed", "images", "occlusion")
 _SPLIT_CODES = {"train": 0, "validation": 1, "test": 2}
-
-
-def example_features() -> tfds.features.FeaturesDict:
-  """The record schema of every vidsim pixel dataset."""
-  return tfds.features.FeaturesDict({
-      # Encoded PNG/JPEG bytes per frame: compact, and no TF-backed Video feature needed.
-      "frames": tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=np.object_)),
-      "num_frames": tfds.features.Tensor(shape=(), dtype=np.int32),
-      "height": tfds.features.Tensor(shape=(), dtype=np.int32),
-      "width": tfds.features.Tensor(shape=(), dtype=np.int32),
-      "fps": tfds.features.Tensor(shape=(), dtype=np.float32),
-      "caption": tfds.features.Text(),
-      "example_id": tfds.features.Tensor(shape=(), dtype=np.int64),
-      "source": tfds.features.Text(),  # Where the clip came from (file and frame range, or the world).
-      "metadata": tfds.features.Text(),  # JSON: evaluation metadata (labels, positions, ...).
-  })
-
-
-def make_record(video: np.ndarray, caption: str, fps: float, example_id: int, source: str, metadata: dict,
-                image_format="png", quality=90) -> dict:
-  """A record of `example_features()` from a uint8 [T, H, W, 3] clip."""
-  frames, height, width, _ = video.shape
-  return {
-      "frames": [encode_image(f, image_format, quality) for f in video],
-      "num_frames": np.int32(frames),
-      "height": np.int32(height),
-      "width": np.int32(width),
-      "fps": np.float32(fps),
-      "caption": caption,
-      "example_id": np.int64(example_id),
-      "source": source,
-      "metadata": json.dumps(metadata, separators=(",", ":")),
-  }
-
-
-def parameter_hash(params: dict) -> str:
-  return hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
 
 
 @dataclasses.dataclass
@@ -113,25 +72,29 @@ def render_example(preset: str, params: dict, split: str, index: int):
   )
 
 
-class MovingDigits(tfds.core.GeneratorBasedBuilder):
+def make_builder(config, preset: str, data_dir: str) -> "MovingDigits":
+  """The builder of `preset` (a name in PRESETS) with the parameters of config.moving_digits."""
+  tfds_config = builder_config(preset, world_params(config))
+  return MovingDigits(config=tfds_config, data_dir=data_dir, file_format="array_record")
+
+
+def split_sizes(params: dict) -> dict:
+  return {"train": params["train_examples"], "validation": params["eval_examples"], "test": params["eval_examples"]}
+
+
+class MovingDigits(PixelDatasetBuilder):
   """Handwritten digits moving, bouncing and hiding, with captions and metadata."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "First release."}
-  BUILDER_CONFIGS = []  # Configs are made from the vidsim config: see builder_config().
-  # No downloads, so no checksums file; this also skips TFDS's code_path lookup, which
-  # needs the importlib_resources package that tfds does not install.
-  url_infos = None
 
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(builder=self, description=__doc__, features=example_features())
+  def build_description(self) -> str:
+    sizes = ", ".join(f"{split} {n}" for split, n in split_sizes(self.builder_config.params).items())
+    return f"preset {self.builder_config.preset}, {sizes} clips rendered from the bundled digit scans"
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Nothing to download: sklearn bundles the digits.
-    params = self.builder_config.params
-    sizes = {"train": params["train_examples"], "validation": params["eval_examples"],
-             "test": params["eval_examples"]}
-    return {split: self._generate_examples(split, n) for split, n in sizes.items()}
+    return {split: self._generate_examples(split, n) for split, n in split_sizes(self.builder_config.params).items()}
 
   def _generate_examples(self, split, num_examples):
     preset, params = self.builder_config.preset, self.builder_config.params

@@ -20,6 +20,7 @@ batches planned), so it is JSON and `grain.checkpoint.CheckpointSave` stores it;
 a pending (not yet full) bucket is re-read from its positions on restore.
 """
 
+import json
 import math
 import os
 
@@ -27,6 +28,8 @@ import grain
 import numpy as np
 from PIL import Image
 
+from vidsim.data import builder_for, built
+from vidsim.data.video_io import decode_image
 from vidsim.errors import UsageError
 from vidsim.log import get_logger
 
@@ -40,16 +43,20 @@ _ASPECT_WEIGHT, _AREA_WEIGHT, _DURATION_WEIGHT = 2.0, 0.5, 0.25
 # ------------------------------------------------------------------ source and decoding
 
 
-def data_source(config, split: str):
-  """Random access to a built split (`len()`, `source[i]` -> record dict)."""
-  from vidsim.data import builder_for
+def data_source(config, split: str, build: bool = True):
+  """Random access to a split (`len()`, `source[i]` -> record dict).
 
-  builder = builder_for(config)
-  if not builder.is_prepared():
-    raise UsageError(
-        f"dataset {builder.name}/{builder.builder_config.name} is not built in {builder.data_dir_root}: "
-        "run `vidsim data prepare --config <your config>` first"
-    )
+  A missing dataset is built first when its registry entry allows (vidsim.data.built:
+  process 0 builds, the others wait), else a UsageError naming `vidsim data prepare`;
+  build=False always asks for `vidsim data prepare` instead.
+  """
+  if build:
+    builder = built(config)
+  else:
+    builder = builder_for(config)
+    if not builder.is_prepared():
+      raise UsageError(f"dataset {builder.name}/{builder.builder_config.name} is not built in "
+                       f"{builder.data_dir_root}: run `vidsim data prepare --config <your config>` first")
   splits = list(builder.info.splits.keys())
   if split not in splits:
     raise UsageError(f"split {split!r} not in {builder.name}/{builder.builder_config.name}; valid: {splits}")
@@ -63,10 +70,6 @@ def _text(value) -> str:
 def decode_example(record, config=None, frame_range=None) -> dict:
   """A stored record -> dict(video uint8 [T, H, W, 3], caption, fps, example_id, num_frames,
   height, width, source, metadata). frame_range=(start, stop) decodes only those frames."""
-  import json
-
-  from vidsim.data.video_io import decode_image
-
   del config  # The schema is the same for every builder; kept for a uniform signature.
   encoded = record["frames"]
   if frame_range is not None:
@@ -196,8 +199,6 @@ def shape_index(source, cache_path: str = "") -> np.ndarray:
 
 
 def split_shape_index(config, split: str, source=None) -> np.ndarray:
-  from vidsim.data import builder_for
-
   source = source if source is not None else data_source(config, split)
   builder = builder_for(config)
   return shape_index(source, os.path.join(builder.data_dir, f"vidsim-shapes-{split}.npy"))
@@ -331,7 +332,7 @@ def pixel_dataset(config, split, *, batch_multiple=1, process_index=None, proces
   object [b], fps float32 [b], example_id int64 [b], bucket int32 [b]. The global batch
   of a bucket is a multiple of batch_multiple and process_count; b = global / process_count.
   """
-  import jax
+  import jax  # Here, not at the top: grain workers import this module and need no jax.
 
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
@@ -363,17 +364,3 @@ def pixel_dataset(config, split, *, batch_multiple=1, process_index=None, proces
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=config.data.worker_count, per_worker_buffer_size=max(1, config.data.prefetch)))
   return ds
-
-
-def global_batch(local_batch: dict, mesh, config) -> dict:
-  """This process's batch -> jax.Arrays sharded over the batch rule (data, fsdp).
-
-  Captions stay host-local numpy strings (jax has no string arrays): the text encoder
-  tokenizes them per process before they join the batch.
-  """
-  from vidsim.mesh import make_global_batch
-
-  numeric = {k: v for k, v in local_batch.items() if k != "caption"}
-  out = make_global_batch(numeric, mesh, config)
-  out["caption"] = local_batch["caption"]
-  return out

@@ -7,7 +7,9 @@ one get an empty caption; lines whose path leaves the folder are refused. Videos
 resampled to at most `video_folder.fps`, cut into clips of at most `max_frames`, and
 downscaled (aspect kept) to at most `max_area` pixels; frames are stored as JPEG (or
 PNG) bytes. A file that cannot be read is skipped and listed, with its reason, in the
-build report (printed by `vidsim data prepare`, written next to the dataset).
+build report (printed by `vidsim data prepare`, written next to the dataset). Files go
+to train or validation by a hash of their path (`validation_fraction`); a folder of two
+or more readable files always gets both splits (assign_splits).
 
 The built config's name is `<folder name>-<hash>` of the folder path, the build
 parameters and a fingerprint of the files (names, sizes, mtimes) and the captions:
@@ -23,7 +25,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from vidsim.data import video_io
-from vidsim.data.moving_digits_tfds import example_features, make_record, parameter_hash
+from vidsim.data.records import PixelDatasetBuilder, make_record, parameter_hash
 from vidsim.errors import UsageError
 
 REPORT_NAME = "build_report.json"
@@ -73,7 +75,10 @@ def folder_params(config) -> dict:
   )
 
 
-def make_builder(config, data_dir: str):
+def make_builder(config, preset: str, data_dir: str) -> "VideoFolder":
+  """The builder of config.video_folder's folder. `preset` is unused: the folder and the
+  build parameters name the dataset."""
+  del preset
   params = folder_params(config)
   name = "".join(c if c.isalnum() else "_" for c in os.path.basename(params["path"]))[:40] or "folder"
   tfds_config = VideoFolderConfig(name=f"{name}-{parameter_hash(params)}",
@@ -108,10 +113,34 @@ def load_captions(folder: str, captions_name: str):
   return captions, problems
 
 
+def split_draw(rel: str) -> float:
+  """A file's place in [0, 1] from a hash of its path: stable as the folder grows."""
+  return int(hashlib.sha1(rel.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+
+
 def split_of(rel: str, validation_fraction: float) -> str:
-  """A file's split from a hash of its path: stable as the folder grows."""
-  bucket = int(hashlib.sha1(rel.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-  return "validation" if bucket < validation_fraction else "train"
+  """A file's split by its hash alone (see assign_splits for small folders)."""
+  return "validation" if split_draw(rel) < validation_fraction else "train"
+
+
+def assign_splits(files, validation_fraction: float) -> dict:
+  """{"train": files, "validation": files}: each file by its hash (split_of), except that
+  two or more files always give both splits, since training needs a train split and its
+  evaluation a validation one (by hash alone, three files at 0.3 can all land in
+  validation). Then the validation split is the round(fraction * n) files, at least 1 and
+  at most n - 1, of the lowest split_draw: the files the hash rule holds out first.
+  Folders whose hash split already has both keep it. One file is train only."""
+  count = len(files)
+  if count < 2:
+    return {"train": list(files), "validation": []}
+  splits = {"train": [], "validation": []}
+  for rel in files:
+    splits[split_of(rel, validation_fraction)].append(rel)
+  if splits["train"] and splits["validation"]:
+    return splits
+  held_out = min(max(round(validation_fraction * count), 1), count - 1)
+  validation = set(sorted(files, key=lambda rel: (split_draw(rel), rel))[:held_out])
+  return {"train": [f for f in files if f not in validation], "validation": [f for f in files if f in validation]}
 
 
 def stable_id(key: str) -> int:
@@ -165,20 +194,21 @@ def _reason(error: Exception) -> str:
   return text if isinstance(error, ValueError) and type(error) is ValueError else f"{type(error).__name__}: {text}"
 
 
-class VideoFolder(tfds.core.GeneratorBasedBuilder):
+class VideoFolder(PixelDatasetBuilder):
   """A user's videos and images, as clips with captions."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "First release."}
-  BUILDER_CONFIGS = []  # Made from the vidsim config: see make_builder().
-  url_infos = None  # Nothing to download (and skips TFDS's importlib_resources lookup).
 
   def __init__(self, **kwargs):
     super().__init__(**kwargs)
     self._report = None
 
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(builder=self, description=__doc__, features=example_features())
+  def build_description(self) -> str:
+    params = self.builder_config.params
+    return (f"clips of at most {params['max_frames']} frames at {params['fps']:g} fps and {params['max_area']} "
+            f"pixels from the videos and images in {params['path']} (validation_fraction "
+            f"{params['validation_fraction']:g})")
 
   @property
   def report_path(self) -> str:
@@ -202,15 +232,11 @@ class VideoFolder(tfds.core.GeneratorBasedBuilder):
     if not readable:
       raise UsageError(f"video_folder {params['path']}: no readable video or image among {len(media)} files; "
                        f"skipped: {skipped}")
-    splits = {"train": [], "validation": []}
-    for rel in readable:
-      splits[split_of(rel, params["validation_fraction"])].append(rel)
-    if params["validation_fraction"] > 0 and not splits["validation"] and len(splits["train"]) > 1:
-      splits["validation"].append(splits["train"].pop())  # Tiny folders still get a validation file.
+    splits = assign_splits(readable, params["validation_fraction"])
     self._report = dict(folder=params["path"], media_files=len(media), other_files=len(other),
                         caption_problems=problems, skipped=skipped, clips={"train": 0, "validation": 0},
                         videos=0, images=0)
-    # TFDS cannot write an empty split: a folder with no validation files has only train.
+    # TFDS cannot write an empty split: a folder of one file has only train.
     return {split: self._generate_examples(split, files, captions) for split, files in splits.items() if files}
 
   def _generate_examples(self, split, files, captions):
@@ -239,6 +265,9 @@ class VideoFolder(tfds.core.GeneratorBasedBuilder):
     if self._report is not None:  # Built now (not reused): keep the report next to the data.
       with open(self.report_path, "w") as f:
         json.dump(self._report, f, indent=2)
+
+  def build_report_text(self) -> str:
+    return f"{format_report(self.build_report())}\nreport: {self.report_path}"
 
   def build_report(self) -> dict:
     """The report of the build that made this dataset (empty if there is none)."""
