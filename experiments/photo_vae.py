@@ -108,16 +108,17 @@ def write_clips(out_dir: str) -> None:
 def photo_psnr(vae_config_path: str, workdir: str, folder: str = DEFAULT_FOLDER) -> dict:
   """PSNR of the VAE trained by `vae_config_path` in `workdir` on the whole folder clips
   (33 frames at their native 64x64, first frames, no crop), per split."""
+  from vidsim import mesh as mesh_lib
   from vidsim.config import load_config
-  from vidsim.train import loop, vae_loop
+  from vidsim.eval import vae as vae_eval
 
   config = get_config()
   config.video_folder.path = folder
   config.vae = load_config(vae_config_path).vae  # The checkpoint's architecture.
   config.data.buckets = ((FRAMES, SIZE, SIZE),)
   config.data.batch_size = 4
-  mesh = loop.job_mesh(config)
-  return {split: round(vae_loop.evaluate_split(config, workdir, mesh, split)["psnr_db"], 2)
+  mesh = mesh_lib.job_mesh(config)
+  return {split: round(vae_eval.evaluate_split(config, workdir, mesh, split)["psnr_db"], 2)
           for split in ("validation", "train")}
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from vidsim import config as config_lib
-from vidsim import demo, report, sample
+from vidsim import demo, report
 from vidsim.data import commands as data_commands
 from vidsim.train import dit_loop, vae_loop
 from vidsim import latents
@@ -25,8 +25,8 @@ def test_demo_samples_only_after_full_training(tmp_path, monkeypatch, dit_steps_
   monkeypatch.setattr(vae_loop, "train_vae", lambda c, w, m: called.append("vae") or {"step": np.int32(c.vae_train.steps)})
   monkeypatch.setattr(latents, "encode_cache", lambda c, w, m: called.append("encode"))
   monkeypatch.setattr(dit_loop, "train_dit", lambda c, w, m: called.append("dit") or {"step": np.int32(dit_steps_done)})
-  monkeypatch.setattr(sample, "demo_samples", lambda c, w, m: called.append("sample") or [])
-  monkeypatch.setattr(sample, "demo_probe", lambda c, w, m: called.append("score") or (None, []))
+  monkeypatch.setattr(demo, "demo_samples", lambda c, w, m: called.append("sample") or [])
+  monkeypatch.setattr(demo, "demo_probe", lambda c, w, m: called.append("score") or (None, []))
   monkeypatch.setattr(report, "write_report", lambda *a, **k: called.append("report"))
   demo.run_demo(argparse.Namespace(workdir=str(tmp_path)), config)
   full = ["data", "vae", "encode", "dit", "sample", "score", "report"]

@@ -264,8 +264,8 @@ def test_fresh_blocks_learn_through_their_zero_gates(config):
   """From the real init (gates 0, final layer 0), after three steps the gates and the
   projections they multiply must get gradients, and the output must depend on the
   token positions. With a zero-init projection behind a zero gate both gradients stay
-  exactly 0 forever: sessions 1-3 trained DiTs whose self-attention and MLP never
-  moved, so RoPE positions did nothing."""
+  exactly 0 forever: the self-attention and MLP never move, so RoPE positions do
+  nothing."""
   model = build(config)
   batch = pack_rows(config, [[A, B], [B, A]], 24)
   step = adam_steps(model, batch)

@@ -14,7 +14,7 @@ from flax import nnx
 
 from vidsim import config as config_lib
 from vidsim import mesh as mesh_lib
-from vidsim.train import loop, optim, stage
+from vidsim.train import goodput, loop, optim, stage
 from vidsim.train.metrics import read_metrics
 
 
@@ -182,3 +182,32 @@ def test_hook_time_is_not_step_time(tmp_path):
   rows = read_metrics(tmp_path / "toy" / "metrics.jsonl")
   assert [r["step"] for r in rows] == [2, 4, 6, 8]
   assert rows[1]["step_time_s"] < 0.3 and rows[3]["step_time_s"] < 0.3, rows
+
+
+def test_goodput_counts_every_attempt_and_the_steps_a_restart_redid(tmp_path):
+  config = _config()
+  mesh = mesh_lib.make_mesh(config)
+  interrupted = _spec(config, mesh)
+  interrupted.every.append((4, lambda state, step: os.kill(os.getpid(), signal.SIGTERM)))
+  loop.run(interrupted, config, tmp_path, mesh)
+  loop.run(_spec(config, mesh), config, tmp_path, mesh)
+  account = goodput.account(tmp_path / "toy")
+  assert [(a["resume_step"], a["step"], a["done"]) for a in account["attempts"]] == [(0, 4, True), (4, 8, True)]
+  assert account["seconds"]["lost"] == 0  # The preempted attempt saved its last step.
+  assert account["seconds"]["compile"] > 0 and account["seconds"]["steps"] > 0
+  assert 0 < account["goodput"] < 1
+
+  # An attempt killed at step 10 whose last checkpoint was step 6: the next one redid 4 of its 10 steps.
+  stage = tmp_path / "killed"
+  stage.mkdir()
+  seconds = dict.fromkeys(goodput.PHASES, 1.0) | {"steps": 10.0}
+  lines = [dict(attempt="a", start=0.0, time=20.0, resume_step=0, step=10, done=False, seconds=seconds),
+           dict(attempt="b", start=25.0, time=40.0, resume_step=6, step=12, done=True, seconds=seconds)]
+  (stage / goodput.FILE).write_text("".join(json.dumps(line) + "\n" for line in lines) + '{"attempt": "c", "st')
+  account = goodput.account(stage)
+  first, second = account["attempts"]
+  assert first["redone_steps"] == 4 and first["seconds"]["lost"] == pytest.approx(4.0)
+  assert first["seconds"]["unrecorded"] == pytest.approx(5.0)  # From its last snapshot to the restart.
+  assert second["redone_steps"] == 0 and account["wall_s"] == pytest.approx(40.0)
+  assert account["goodput"] == pytest.approx((6.0 + 10.0) / 40.0)
+  assert "redone by the next attempt" in goodput.format_account({"dit": account})

@@ -94,9 +94,16 @@ def _sample_cmd(sub):
 
 
 def _demo_cmd(sub):
-  p = sub.add_parser("demo", help="every built stage, end to end, on the embedded world")
+  p = sub.add_parser("demo", help="every stage, end to end, on the embedded world")
   p.add_argument("--config", default="", help="experiment file (default: experiments/digits_demo.py)")
   p.add_argument("--workdir", default="runs/demo", help="run directory (default: runs/demo)")
+  return p
+
+
+def _goodput_cmd(sub):
+  p = sub.add_parser("goodput", help="where a run's wall time went, across its restarts")
+  _add_workdir_arg(p)
+  p.add_argument("--json", action="store_true", help="also print the account as JSON")
   return p
 
 
@@ -108,7 +115,7 @@ def _bench_cmd(sub):
   return p
 
 
-# name -> (parser builder, "module:function"). A subcommand is listed once it works.
+# name -> (parser builder, "module:function" run with (args, config)).
 COMMANDS = {
     "config": (_config_cmd, "vidsim.cli:run_config"),
     "data": (_data_cmd, "vidsim.data.commands:run_data"),
@@ -117,19 +124,10 @@ COMMANDS = {
     "encode": (_encode_cmd, "vidsim.latents:run_encode"),
     "train": (_train_cmd, "vidsim.train.dit_loop:run_train"),
     "sample": (_sample_cmd, "vidsim.sample.command:run_sample"),
+    "goodput": (_goodput_cmd, "vidsim.train.goodput:run_goodput"),
     "bench": (_bench_cmd, "vidsim.bench:run_bench"),
     "demo": (_demo_cmd, "vidsim.demo:run_demo"),
 }
-
-
-def _available_commands():
-  """Commands whose module exists in this checkout (later issues add theirs)."""
-  names = []
-  for name, (_, target) in COMMANDS.items():
-    module = target.split(":")[0]
-    if importlib.util.find_spec(module) is not None:
-      names.append(name)
-  return names
 
 
 def build_parser():
@@ -139,7 +137,7 @@ def build_parser():
       "Config overrides: --config.KEY=VALUE (e.g. --config.dit.depth=4).",
   )
   sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-  for name in _available_commands():
+  for name in COMMANDS:
     COMMANDS[name][0](sub)
   return parser
 

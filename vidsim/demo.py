@@ -13,17 +13,15 @@ from etils import epath
 
 from vidsim import config as config_lib
 from vidsim import data as data_lib
-from vidsim import digit_score, report
+from vidsim import digit_score, latents, report
 from vidsim import mesh as mesh_lib
 from vidsim.atomic import write_atomically
 from vidsim.data import commands as data_commands
 from vidsim.data import moving_digits, video_io
 from vidsim.eval import probes
-from vidsim.latents import encode_cache
 from vidsim.log import get_logger, is_chief, progress
 from vidsim.sample.engine import Engine, generate
-from vidsim.train.dit_loop import train_dit
-from vidsim.train.vae_loop import train_vae
+from vidsim.train import dit_loop, vae_loop
 
 log = get_logger("demo")
 
@@ -60,10 +58,10 @@ def run_demo(args, config):
     return step >= steps
 
   stage("data", lambda: data_commands.prepare(config))
-  if not train("train-vae", lambda: train_vae(config, workdir, mesh), config.vae_train.steps):
+  if not train("train-vae", lambda: vae_loop.train_vae(config, workdir, mesh), config.vae_train.steps):
     return
-  stage("encode", lambda: encode_cache(config, workdir, mesh))
-  if not train("train", lambda: train_dit(config, workdir, mesh), config.train.steps):
+  stage("encode", lambda: latents.encode_cache(config, workdir, mesh))
+  if not train("train", lambda: dit_loop.train_dit(config, workdir, mesh), config.train.steps):
     return
   outputs, notes = [], []
 

@@ -1,4 +1,4 @@
-"""Errors that map to exit codes (DESIGN.md: 0 done, 2 bad usage/config/input, 1 other)."""
+"""Errors that map to exit codes: 0 done, 2 bad usage/config/input, 1 anything else."""
 
 
 class UsageError(Exception):

@@ -4,7 +4,7 @@ x_t = (1 - t) x0 + t eps, with x0 the clean latent patches and eps ~ N(0, I); th
 model predicts the velocity v = dx_t/dt = eps - x0. Sampling integrates the ODE
 from t = 1 (noise) to t = 0 (data). Every token carries its own t: clean
 conditioning tokens have t = 0 and no loss, which is how one model serves
-text-to-video, image-to-video, extension and connecting (DESIGN.md).
+text-to-video, image-to-video, extension and connecting (vidsim/tasks.py).
 
 All functions are pure jax and jittable; randomness comes only from the rng passed in.
 Shapes follow the packed batch (vidsim/data/packing.py): R rows, L tokens, K segments.

@@ -14,6 +14,7 @@ from etils import epath
 
 from vidsim.atomic import write_atomically
 from vidsim.eval.vae import eval_path
+from vidsim.train import goodput
 from vidsim.train.metrics import read_metrics
 
 _STYLE = """
@@ -68,6 +69,10 @@ def write_report(config, workdir, outputs, timings, quality_notes=None):
     parts.append(_chart("What a wrong caption costs the DiT (held-out loss at the highest eval noise)", dit_rows, gains))
   parts.append("</div>")
 
+  accounts = goodput.workdir_account(workdir)
+  if accounts:
+    parts.append("<h2>Where the training time went (goodput, all restarts)</h2>")
+    parts.append(_goodput_table(accounts))
   parts.append("<h2>Metrics (last logged step)</h2>")
   parts.append(_table({"VAE": vae_rows[-1] if vae_rows else {}, "DiT": dit_logged[-1] if dit_logged else {}}))
   recon = sorted((workdir / "vae" / "recon").glob("*.gif")) if (workdir / "vae" / "recon").exists() else []
@@ -161,6 +166,21 @@ def _table(named_rows):
     cells = "".join(f"<td>{_fmt(row.get(k))}</td>" for row in named_rows.values())
     body.append(f"<tr><th>{html.escape(k)}</th>{cells}</tr>")
   return f"<table><tr><th>metric</th>{head}</tr>{''.join(body)}</table>"
+
+
+def _goodput_table(accounts):
+  """Seconds and share of wall time per phase, one column per stage (vidsim/train/goodput.py)."""
+  keys = list(next(iter(accounts.values()))["seconds"])
+  head = "".join(f"<th>{html.escape(stage)}</th>" for stage in accounts)
+  rows = [f"<tr><td>wall (s), attempts</td>" + "".join(
+      f"<td>{a['wall_s']:.0f}, {len(a['attempts'])}</td>" for a in accounts.values()) + "</tr>"]
+  rows.append("<tr><td><b>goodput</b></td>" + "".join(
+      f"<td><b>{100 * a['goodput']:.1f}%</b></td>" for a in accounts.values()) + "</tr>")
+  for key in keys:
+    cells = "".join(f"<td>{a['seconds'][key]:.1f} s ({100 * a['seconds'][key] / max(a['wall_s'], 1e-9):.1f}%)</td>"
+                    for a in accounts.values())
+    rows.append(f"<tr><td>{html.escape(key)}</td>{cells}</tr>")
+  return f"<table><tr><th>phase</th>{head}</tr>{''.join(rows)}</table>"
 
 
 def _fmt(value):

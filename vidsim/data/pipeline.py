@@ -28,6 +28,7 @@ import grain
 import numpy as np
 from PIL import Image
 
+from vidsim.atomic import write_atomically
 from vidsim.data import builder_for, built
 from vidsim.data.video_io import decode_image
 from vidsim.errors import UsageError
@@ -190,9 +191,7 @@ def shape_index(source, cache_path: str = "") -> np.ndarray:
       shapes[i] = (r["num_frames"], r["height"], r["width"])
   if cache_path:
     try:
-      tmp = f"{cache_path}.tmp{os.getpid()}.npy"
-      np.save(tmp, shapes)
-      os.replace(tmp, cache_path)
+      write_atomically(cache_path, lambda tmp: np.save(tmp, shapes))
     except OSError as e:  # A read-only dataset dir only costs a re-scan next time.
       log.warning("could not cache the shape index at %s: %s", cache_path, e)
   return shapes

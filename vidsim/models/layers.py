@@ -20,8 +20,8 @@ from vidsim.errors import UsageError
 # Initialisers: DiT / PixArt use xavier-uniform for projections and zeros for the
 # adaLN modulation (so every gate starts at 0 and a fresh block is the identity) and
 # the final layer. A projection that feeds a zero gate must NOT also start at zero:
-# gate * out(x) then has a zero gradient for both, forever (sessions 1-3 trained DiTs
-# whose self-attention and MLP never moved; tests/test_dit_model.py checks the gradients).
+# gate * out(x) then has a zero gradient for both, forever: the self-attention and MLP
+# of such a DiT never move (tests/test_dit_model.py checks the gradients).
 xavier = nnx.initializers.xavier_uniform()
 zeros = nnx.initializers.zeros_init()
 ones = nnx.initializers.ones_init()

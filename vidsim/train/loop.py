@@ -10,6 +10,7 @@ JSONL and TensorBoard, async checkpoints, SIGTERM / preemption, non-finite steps
 
 import dataclasses
 import signal
+import time
 from typing import Any, Callable, Optional
 
 import jax
@@ -22,6 +23,7 @@ from vidsim import config as config_lib
 from vidsim import mesh as mesh_lib
 from vidsim.errors import StoppedError
 from vidsim.log import get_logger, is_chief, progress
+from vidsim.train import goodput
 from vidsim.train.checkpoint import Checkpointer, abstract_like, restore_weights
 from vidsim.train.metrics import MetricsWriter, StepTimer, peak_flops_per_s
 
@@ -131,17 +133,19 @@ def run(spec: StageSpec, config, workdir, mesh):
   config_dict = config.to_dict()
 
   # ---------------------------------------------------------------- state: resume or init
-  abstract_state = jax.eval_shape(spec.init_state)
-  abstract_state = abstract_like(abstract_state, spec.state_shardings)
   latest = checkpointer.latest_step()
-  if latest is not None:
-    log.info("%s: resuming from step %d (%s)", spec.name, latest, checkpointer.directory)
-    state = checkpointer.restore(latest, abstract_state, spec.data_iter)
-  else:
-    state = jax.jit(spec.init_state, out_shardings=spec.state_shardings)()
-    if config.init_from:
-      state = _load_weights(state, config.init_from, spec)
-  step = int(mesh_lib.to_host(state["step"]))
+  recorder = goodput.Recorder(stage_dir, resume_step=latest or 0)
+  with recorder.phase("restore"):
+    abstract_state = jax.eval_shape(spec.init_state)
+    abstract_state = abstract_like(abstract_state, spec.state_shardings)
+    if latest is not None:
+      log.info("%s: resuming from step %d (%s)", spec.name, latest, checkpointer.directory)
+      state = checkpointer.restore(latest, abstract_state, spec.data_iter)
+    else:
+      state = jax.jit(spec.init_state, out_shardings=spec.state_shardings)()
+      if config.init_from:
+        state = _load_weights(state, config.init_from, spec)
+    step = int(mesh_lib.to_host(state["step"]))
   metrics_writer = MetricsWriter(stage_dir, resume_step=step)
 
   # ---------------------------------------------------------------- the compiled step
@@ -156,25 +160,35 @@ def run(spec: StageSpec, config, workdir, mesh):
   try:
     with _Preemption() as preemption:
       while step < spec.steps:
-        host_batch = next(spec.data_iter)
-        batch = spec.to_global(host_batch)
-        state, step_metrics = jitted_step(state, batch)
+        mark = recorder.iteration()
+        data_begin = time.perf_counter()
+        with recorder.phase("data"):
+          host_batch = next(spec.data_iter)
+          batch = spec.to_global(host_batch)
+        data_seconds = time.perf_counter() - data_begin
+        if timer.first:
+          with recorder.phase("compile"):
+            state, step_metrics = jitted_step(state, batch)
+            jax.block_until_ready(step_metrics)
+        else:
+          state, step_metrics = jitted_step(state, batch)
         step += 1
         watch.add(state, step)
         logging = step % spec.log_every == 0 or step == spec.steps
         checkpointing = step % spec.checkpoint_every == 0 or step == spec.steps
         if logging:
           jax.block_until_ready(step_metrics)  # The window's time ends when its last step does.
-        window.add(timer.lap(), *spec.batch_cost(host_batch))
+        window.add(timer.lap(), *spec.batch_cost(host_batch), data_seconds=data_seconds)
         bar.update(1)
         if logging or checkpointing:
           watch.check(spec, checkpointer)
 
         hook_metrics, hooks_ran = {}, False
-        for every, hook in spec.every:
-          if every and step % every == 0:
-            hook_metrics.update(hook(state, step) or {})
-            hooks_ran = True
+        with recorder.phase("hooks"):
+          for every, hook in spec.every:
+            if every and step % every == 0:
+              hook_metrics.update(hook(state, step) or {})
+              hooks_ran = True
         if logging:
           metrics = {**_log_row(step_metrics, state, window, peak, spec.summarize_units), **hook_metrics}
           metrics_writer.write(step, metrics)
@@ -187,13 +201,21 @@ def run(spec: StageSpec, config, workdir, mesh):
         preempted = preemption.agreed(checkpointer, step, sync=logging or checkpointing)
         saving = checkpointing or preempted
         if saving:
-          checkpointer.save(step, state, spec.data_iter, config_dict, metrics, force=True)
+          with recorder.phase("checkpoint"):
+            checkpointer.save(step, state, spec.data_iter, config_dict, metrics, force=True)
         if saving or hooks_ran:
           timer.restart()  # Samples, evals and saves are not the step: step_time_s and MFU measure training.
+        recorder.end_iteration(mark)
+        if logging or saving:
+          recorder.snapshot(step)
         if preempted:
-          checkpointer.wait()
+          with recorder.phase("checkpoint"):
+            checkpointer.wait()
           log.warning("%s: preempted (SIGTERM); saved step %d, exiting cleanly", spec.name, step)
           break
+    with recorder.phase("checkpoint"):
+      checkpointer.wait()
+    recorder.snapshot(step, done=True)
   finally:
     bar.close()
     checkpointer.close()
@@ -208,12 +230,13 @@ class _Window:
     self.reset()
 
   def reset(self):
-    self.seconds, self.flops, self.steps, self.units = 0.0, 0.0, 0, {}
+    self.seconds, self.flops, self.steps, self.units, self.data_seconds = 0.0, 0.0, 0, {}, 0.0
 
-  def add(self, seconds, flops, units):
+  def add(self, seconds, flops, units, data_seconds=0.0):
     if seconds is None:  # First step of the process: compilation, not throughput.
       return
     self.seconds += seconds
+    self.data_seconds += data_seconds
     self.flops += flops
     self.steps += 1
     for k, v in units.items():
@@ -247,6 +270,9 @@ def _log_row(step_metrics, state, window, peak, summarize_units=None):
     row.update(summarize_units(window.units))
   if window.steps:
     row["step_time_s"] = window.seconds / window.steps
+    # Of which the host waited for the next batch (and put it on the devices): a
+    # data-bound run shows itself here.
+    row["data_wait_s"] = window.data_seconds / window.steps
     for name, count in window.units.items():
       row[f"{name}_per_s"] = count / window.seconds
     row["flops_per_step"] = window.flops / window.steps

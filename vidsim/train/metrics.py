@@ -117,6 +117,11 @@ class StepTimer:
   def __init__(self):
     self._last = None
 
+  @property
+  def first(self) -> bool:
+    """No lap yet: the next step is this process's first (it compiles)."""
+    return self._last is None
+
   def lap(self) -> float:
     now = time.perf_counter()
     elapsed = None if self._last is None else now - self._last
