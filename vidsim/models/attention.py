@@ -173,10 +173,12 @@ def attend(q, k, v, q_segment_ids, kv_segment_ids, *, impl, context_parallel="al
     out = local(to_heads(q), to_heads(k), to_heads(v), whole, whole if kv_ids is q_ids else gather(kv_ids))
     return jax.lax.all_to_all(out, length, split_axis=1, concat_axis=2, tiled=True)
 
-  # Pallas calls carry no varying-manual-axes types, so the splash path is mapped unchecked.
+  # Unchecked (as MaxText maps its kernels): Pallas calls and the custom VJPs here carry
+  # no varying-manual-axes types. shard_map's transpose still sums the gradients of
+  # inputs that are whole on every shard (the captions' K/V) over the axes that split q.
   out = jax.shard_map(
       sharded, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, ids_spec, kv_ids_spec), out_specs=q_spec,
-      check_vma=impl != "splash",
+      check_vma=False,
   )(q, k, v, q_ids, kv_ids)
   return out[:, :t] if pad else out
 
@@ -392,10 +394,10 @@ def _tile(length: int, block: int) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def _splash_kernel(t, s, heads, block_sizes, interpret):
+def _splash_kernel(t, s, heads, block_sizes, interpret, mesh):
   """A splash kernel for [H, t, D] x [H, s, D] with segment ids and no static mask
-  (full masks: segment ids do all the masking). Cached: building the mask info walks
-  every block pair in Python."""
+  (full masks: segment ids do all the masking). Cached per (abstract) mesh, whose
+  context its mask-info arrays carry: building that info walks every block pair in Python."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
@@ -421,7 +423,9 @@ def splash_attention(q, k, v, q_ids, kv_ids, block_sizes, interpret):
   tiles.update({name: _tile(s, size) for name, size in block_sizes.items() if name in KV_BLOCKS})
   t_pad = -t % math.lcm(*(tiles[n] for n in Q_BLOCKS))
   s_pad = -s % math.lcm(*(tiles[n] for n in KV_BLOCKS))
-  kernel = _splash_kernel(t + t_pad, s + s_pad, h, tuple(sorted(tiles.items())), interpret)
+  kernel = _splash_kernel(
+      t + t_pad, s + s_pad, h, tuple(sorted(tiles.items())), interpret, jax.sharding.get_abstract_mesh()
+  )
 
   def heads_major(x, pad):
     return jnp.pad(x, [(0, 0), (0, pad), (0, 0), (0, 0)]).transpose(0, 2, 1, 3)
