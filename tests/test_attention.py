@@ -207,7 +207,7 @@ def train(config, mesh=None, steps=3, lr=0.5):
   batch = dit_batch(config)
   scope = mesh_lib.activate(mesh, config) if mesh is not None else contextlib.nullcontext()
   with scope:
-    model = DiT(config, rngs=nnx.Rngs(0))
+    model = DiT(config.dit, config.text, config.vae.latent_channels, rngs=nnx.Rngs(0))
     if mesh is not None:
       batch = mesh_lib.make_global_batch(batch, mesh, config)
   graphdef, params = nnx.split(model, nnx.Param)

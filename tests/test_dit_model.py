@@ -25,9 +25,9 @@ K = 2  # Segments per row in these tests.
 
 def build(config, seed=0, mesh=None):
   if mesh is None:
-    return DiT(config, rngs=nnx.Rngs(seed))  # No mesh: unsharded params.
+    return DiT(config.dit, config.text, config.vae.latent_channels, rngs=nnx.Rngs(seed))  # No mesh: unsharded params.
   with mesh_lib.activate(mesh, config):
-    return DiT(config, rngs=nnx.Rngs(seed))
+    return DiT(config.dit, config.text, config.vae.latent_channels, rngs=nnx.Rngs(seed))
 
 
 def build_with(config, **dit):
@@ -311,7 +311,7 @@ def spec_json(spec):
 
 def partition_table(config):
   """Every param path -> shape, logical spec and mesh spec on a (2, 2, 2) mesh."""
-  abstract = nnx.eval_shape(lambda: DiT(config, rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(lambda: DiT(config.dit, config.text, config.vae.latent_channels, rngs=nnx.Rngs(0)))
   params = nnx.state(abstract, nnx.Param)
   mesh = mesh_lib.make_mesh(config, jax.devices()[:8])
   logical = nnx.get_partition_spec(params)

@@ -94,6 +94,6 @@ def test_param_count_matches_hand_count():
 @pytest.mark.parametrize("mlp", ["gelu", "swiglu"])
 def test_param_count_matches_a_built_model(mlp):
   c = small_config(mlp)
-  model = DiT(c, rngs=nnx.Rngs(0))
+  model = DiT(c.dit, c.text, c.vae.latent_channels, rngs=nnx.Rngs(0))
   built = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   assert dit_param_count(c) == built

@@ -53,9 +53,9 @@ def _random_params(build, seed):
 def workdir(tmp_path_factory, config):
   """A workdir holding a random VAE and a random DiT as stage checkpoints."""
   root = tmp_path_factory.mktemp("sample_workdir")
-  params = _random_params(lambda: dit_lib.DiT(config, rngs=nnx.Rngs(0)), 1)
+  params = _random_params(lambda: dit_lib.DiT(config.dit, config.text, config.vae.latent_channels, rngs=nnx.Rngs(0)), 1)
   _save(root / "dit" / "checkpoints", {"ema": params})
-  vae_params = _random_params(lambda: vae_lib.VideoVAE(config, rngs=nnx.Rngs(0)), 2)
+  vae_params = _random_params(lambda: vae_lib.VideoVAE(config.vae, rngs=nnx.Rngs(0)), 2)
   channels = config.vae.latent_channels
   _save(root / "vae" / "checkpoints", {
       "ema": vae_params,

@@ -253,7 +253,8 @@ def test_sigterm_saves_at_the_next_step_and_exits_0_then_resumes(trained_vae, re
 
 
 def test_init_from_loads_weights_and_names_mismatches(trained_vae, repo_root, tmp_path):
-  from vidsim.trained import TrainedVAE, train_vae
+  from vidsim.train.vae_loop import train_vae
+  from vidsim.trained import TrainedVAE
 
   source, config = trained_vae
   mesh = mesh_lib.make_mesh(config)

@@ -35,7 +35,7 @@ def model_and_config():
   # One model for the file: building (and compiling the init of) every shape is the slow part.
   c = config_lib.load_config(str(pathlib.Path(__file__).parent.parent / "experiments" / "digits_tiny.py"))
   c = _config(c, widths=(8, 16, 16))
-  return vae_lib.VideoVAE(c, rngs=nnx.Rngs(0)), c
+  return vae_lib.VideoVAE(c.vae, rngs=nnx.Rngs(0)), c
 
 
 # ------------------------------------------------------------------ shapes
@@ -59,7 +59,7 @@ def test_latent_shapes_match_the_model(model_and_config, frames, height, width):
 @pytest.mark.parametrize("ct,cs,widths", [(1, 4, (8, 8, 8)), (2, 8, (8, 8, 8, 8)), (4, 16, (4, 4, 8, 8, 8))])
 def test_every_compression_builds(tiny_config, ct, cs, widths):
   c = _config(tiny_config, temporal_compression=ct, spatial_compression=cs, widths=widths)
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: vae_lib.VideoVAE(c, rngs=nnx.Rngs(0))))
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: vae_lib.VideoVAE(c.vae, rngs=nnx.Rngs(0))))
   frames = 1 + 2 * ct
   video = jax.ShapeDtypeStruct((1, frames, cs, 2 * cs, 3), jnp.float32)
   recon, mean, _ = jax.eval_shape(lambda s, v: nnx.merge(graphdef, s)(v, jax.random.key(0)), state, video)
@@ -73,7 +73,7 @@ def test_every_compression_builds(tiny_config, ct, cs, widths):
 @pytest.mark.parametrize("padding", ["replicate", "zeros"])
 def test_encoder_is_causal(tiny_config, padding):
   c = _config(tiny_config, widths=(8, 16, 16), causal_padding=padding)
-  model = vae_lib.VideoVAE(c, rngs=nnx.Rngs(0))
+  model = vae_lib.VideoVAE(c.vae, rngs=nnx.Rngs(0))
   video = _video((1, 9, 16, 16, 3))
   base, _ = model.encode(video)
   for frame in (1, 4, 5, 8):
@@ -165,9 +165,9 @@ def test_model_rejects_unaligned_video_and_bad_config(model_and_config, tiny_con
   with pytest.raises(UsageError, match="frames must be 1 \\+ k\\*4"):
     model.encode(jnp.zeros((1, 6, 16, 16, 3)))
   with pytest.raises(UsageError, match="widths"):
-    vae_lib.VideoVAE(_config(tiny_config, widths=(8, 16)), rngs=nnx.Rngs(0))
+    vae_lib.VideoVAE(_config(tiny_config, widths=(8, 16)).vae, rngs=nnx.Rngs(0))
   with pytest.raises(UsageError, match="temporal_compression=3"):
-    vae_lib.VideoVAE(_config(tiny_config, temporal_compression=3), rngs=nnx.Rngs(0))
+    vae_lib.VideoVAE(_config(tiny_config, temporal_compression=3).vae, rngs=nnx.Rngs(0))
 
 
 # ------------------------------------------------------------------ sharding names
@@ -196,7 +196,7 @@ def test_params_are_sharded_under_a_mesh(tiny_config):
     c.mesh.ici.data, c.mesh.ici.fsdp = 4, 2
   mesh = mesh_lib.make_mesh(c)
   with mesh_lib.activate(mesh, c):
-    abstract = nnx.eval_shape(lambda: vae_lib.VideoVAE(c, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: vae_lib.VideoVAE(c.vae, rngs=nnx.Rngs(0)))
   params = nnx.state(abstract, nnx.Param)
   assert params["encoder"]["conv_in"]["kernel"].get_value().sharding.spec == P(None, None, None, None, "fsdp")
   shardings = mesh_lib.param_shardings(params, mesh, c)
@@ -305,7 +305,7 @@ def test_latent_stats_give_posterior_samples_unit_scale():
 @pytest.mark.slow  # ~15 s: builds and runs a second model.
 def test_attention_stays_within_frames(tiny_config):
   c = _config(tiny_config, widths=(8, 8, 8), attention=True)
-  model = vae_lib.VideoVAE(c, rngs=nnx.Rngs(0))
+  model = vae_lib.VideoVAE(c.vae, rngs=nnx.Rngs(0))
   video = _video((1, 5, 8, 8, 3))
   base, _ = model.encode(video)
   changed, _ = model.encode(video.at[:, 3].add(0.5))

@@ -15,11 +15,11 @@ from vidsim.models import vae as vae_lib
 
 
 def build_dit(config) -> dit_lib.DiT:
-  return dit_lib.DiT(config, rngs=nnx.Rngs(config.seed))
+  return dit_lib.DiT(config.dit, config.text, config.vae.latent_channels, rngs=nnx.Rngs(config.seed))
 
 
 def build_vae(config) -> vae_lib.VideoVAE:
-  return vae_lib.VideoVAE(config, rngs=nnx.Rngs(config.seed))
+  return vae_lib.VideoVAE(config.vae, rngs=nnx.Rngs(config.seed))
 
 
 def abstract_dit(config, mesh):

@@ -47,8 +47,7 @@ def patch_features(config) -> int:
 class DiTBlock(nnx.Module):
   """adaLN-Zero self-attention, cross-attention to the own caption, MLP."""
 
-  def __init__(self, config, context_width, *, rngs):
-    d = config.dit
+  def __init__(self, d, context_width, *, rngs):
     dtype = layers.compute_dtype(d.dtype)
     impl = layers.attention_impl(d.attention_impl)
     parallel = dict(context_parallel=d.context_parallel, block_sizes=dict(d.attention_block_sizes))
@@ -78,14 +77,14 @@ class DiTBlock(nnx.Module):
 class DiT(nnx.Module):
   """Text-conditioned DiT over packed patch tokens; see the module docstring."""
 
-  def __init__(self, config, *, rngs):
+  def __init__(self, dit, text, latent_channels: int, *, rngs):
+    """dit, text: the config sections of the same names; latent_channels: the VAE's."""
     # Params are placed by their logical names when built under
     # vidsim.mesh.activate(mesh, config); without a mesh they stay unsharded.
     with nnx.use_eager_sharding(nnx.using_eager_sharding() and not jax.sharding.get_abstract_mesh().empty):
-      self._build(config, rngs)
+      self._build(dit, text, latent_channels, rngs)
 
-  def _build(self, config, rngs):
-    d = config.dit
+  def _build(self, d, text, latent_channels, rngs):
     self.dtype = layers.compute_dtype(d.dtype)
     self.remat = d.remat
     self.rope_theta = d.rope_theta
@@ -94,12 +93,12 @@ class DiT(nnx.Module):
     self.position_embedding = d.position_embedding
     self.head_dim = d.width // d.heads
     layers.rope_pairs(self.head_dim)  # Fails early on a head too small for 3D RoPE.
-    self.patch_dim = patch_features(config)
-    self.text = make_text_encoder(config, rngs=rngs)
+    self.patch_dim = math.prod(d.patch_size) * latent_channels
+    self.text = make_text_encoder(text, dtype=d.dtype, attention_impl=d.attention_impl, rngs=rngs)
     ctx = self.text.width
     self.null_text = nnx.Param(
         layers.partitioned(nnx.initializers.normal(ctx**-0.5), "text_length", "embed")(
-            rngs.params(), (config.text.max_length, ctx)
+            rngs.params(), (text.max_length, ctx)
         )
     )
     self.patch_embed = nnx.Linear(
@@ -113,7 +112,7 @@ class DiT(nnx.Module):
         kernel_init=layers.partitioned(layers.zeros, "embed", "mlp"),
         bias_init=layers.partitioned(layers.zeros, "mlp"), rngs=rngs,
     )
-    self.blocks = layers.stack_layers(lambda r: DiTBlock(config, ctx, rngs=r), d.depth, rngs)
+    self.blocks = layers.stack_layers(lambda r: DiTBlock(d, ctx, rngs=r), d.depth, rngs)
     self.final_modulation = nnx.Param(
         layers.partitioned(nnx.initializers.normal(d.width**-0.5), None, "embed")(rngs.params(), (2, d.width))
     )

@@ -71,5 +71,5 @@ def dit_flops_per_step(config, rows, row_tokens, text_tokens_per_row, segments_p
 def dit_param_count(config) -> int:
   """Parameters of the DiT for this config (text encoder included), counted on an
   abstract model: nothing is allocated."""
-  abstract = nnx.eval_shape(lambda: DiT(config, rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(lambda: DiT(config.dit, config.text, config.vae.latent_channels, rngs=nnx.Rngs(0)))
   return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))

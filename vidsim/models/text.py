@@ -1,6 +1,6 @@
 """Text conditioning behind one interface.
 
-`make_text_encoder(config, rngs)` returns a module with `width` (feature size of
+`make_text_encoder(config.text, dtype=, attention_impl=, rngs=)` returns a module with `width` (feature size of
 its output) and `__call__(text) -> (embeddings [R, K, S, width], mask [R, K, S])`,
 where `text` is the packed batch's text dict:
 - config.text.encoder == "bytes": `text_tokens` int [R, K, S] (byte + 1, 0 = pad),
@@ -68,10 +68,9 @@ class TextBlock(nnx.Module):
 class ByteTextEncoder(nnx.Module):
   """Byte embeddings + learned positions -> `depth` transformer layers -> RMSNorm."""
 
-  def __init__(self, config, *, rngs):
-    t = config.text
-    dtype = layers.compute_dtype(config.dit.dtype)
-    impl = layers.attention_impl(config.dit.attention_impl)
+  def __init__(self, t, *, dtype, attention_impl, rngs):
+    dtype = layers.compute_dtype(dtype)
+    impl = layers.attention_impl(attention_impl)
     self.width = t.width
     self.max_length = t.max_length
     self.dtype = dtype
@@ -105,8 +104,8 @@ class ByteTextEncoder(nnx.Module):
 class PrecomputedText(nnx.Module):
   """A linear projection of embeddings computed offline (read from the cache)."""
 
-  def __init__(self, config, *, rngs):
-    t = config.text
+  def __init__(self, t, *, dtype, attention_impl, rngs):
+    del attention_impl  # A projection: nothing attends.
     if t.embed_dim <= 0:
       raise UsageError(
           "text.encoder='precomputed' needs text.embed_dim (the cached embedding size); "
@@ -115,11 +114,11 @@ class PrecomputedText(nnx.Module):
     self.width = t.width
     self.embed_dim = t.embed_dim
     self.proj = nnx.Linear(
-        t.embed_dim, t.width, dtype=layers.compute_dtype(config.dit.dtype),
+        t.embed_dim, t.width, dtype=layers.compute_dtype(dtype),
         kernel_init=layers.partitioned(layers.xavier, None, "embed"),
         bias_init=layers.partitioned(layers.zeros, "embed"), rngs=rngs,
     )
-    self.norm = layers.rms_norm(t.width, layers.compute_dtype(config.dit.dtype), rngs)
+    self.norm = layers.rms_norm(t.width, layers.compute_dtype(dtype), rngs)
 
   def __call__(self, text):
     emb = _require(text, "text_embeddings", 4, "precomputed")
@@ -131,7 +130,8 @@ class PrecomputedText(nnx.Module):
 ENCODERS = {"bytes": ByteTextEncoder, "precomputed": PrecomputedText}
 
 
-def make_text_encoder(config, *, rngs):
-  if config.text.encoder not in ENCODERS:
-    raise UsageError(f"text.encoder {config.text.encoder!r} is not one of {sorted(ENCODERS)}")
-  return ENCODERS[config.text.encoder](config, rngs=rngs)
+def make_text_encoder(text, *, dtype, attention_impl, rngs):
+  """The encoder config.text names; `dtype` and `attention_impl` are the DiT's."""
+  if text.encoder not in ENCODERS:
+    raise UsageError(f"text.encoder {text.encoder!r} is not one of {sorted(ENCODERS)}")
+  return ENCODERS[text.encoder](text, dtype=dtype, attention_impl=attention_impl, rngs=rngs)

@@ -37,9 +37,8 @@ _LOGVAR_RANGE = (-30.0, 20.0)  # Keeps exp(logvar) finite early in training.
 # ------------------------------------------------------------------ shapes and policy
 
 
-def check_config(config) -> None:
-  """Raises UsageError when config.vae is not a buildable VAE."""
-  v = config.vae
+def check_config(v) -> None:
+  """Raises UsageError when `v` (config.vae) is not a buildable VAE."""
   if v.temporal_compression not in VALID_TEMPORAL:
     raise UsageError(f"vae.temporal_compression={v.temporal_compression}; valid: {VALID_TEMPORAL}")
   if v.spatial_compression not in VALID_SPATIAL:
@@ -141,8 +140,8 @@ class ChunkState:
 # ------------------------------------------------------------------ layers
 
 
-def _dtype(config):
-  return jnp.bfloat16 if config.vae.dtype == "bfloat16" else jnp.float32
+def _dtype(vae):
+  return jnp.bfloat16 if vae.dtype == "bfloat16" else jnp.float32
 
 
 class CausalConv(nnx.Module):
@@ -152,11 +151,11 @@ class CausalConv(nnx.Module):
   ~3x faster than conv_general_dilated with 3 spatial dims (measured, 9x32x32x32).
   """
 
-  def __init__(self, cin, cout, kernel, stride=(1, 1, 1), *, config, rngs, out_axis="conv_out"):
+  def __init__(self, cin, cout, kernel, stride=(1, 1, 1), *, vae, rngs, out_axis="conv_out"):
     self.kernel_size = tuple(kernel)
     self.stride = tuple(stride)
-    self.replicate = config.vae.causal_padding == "replicate"
-    self.dtype = _dtype(config)
+    self.replicate = vae.causal_padding == "replicate"
+    self.dtype = _dtype(vae)
     init = nnx.with_partitioning(nnx.initializers.lecun_normal(), (None, None, None, "conv_in", out_axis))
     self.kernel = nnx.Param(init(rngs.params(), (*kernel, cin, cout)))
     self.bias = nnx.Param(nnx.with_partitioning(nnx.initializers.zeros, (out_axis,))(rngs.params(), (cout,)))
@@ -223,13 +222,13 @@ class FrameNorm(nnx.Module):
 
 
 class ResBlock(nnx.Module):
-  def __init__(self, cin, cout, time_kernel, *, config, rngs):
+  def __init__(self, cin, cout, time_kernel, *, vae, rngs):
     k = (time_kernel, 3, 3)
     self.norm1 = FrameNorm(cin, rngs=rngs)
-    self.conv1 = CausalConv(cin, cout, k, config=config, rngs=rngs)
+    self.conv1 = CausalConv(cin, cout, k, vae=vae, rngs=rngs)
     self.norm2 = FrameNorm(cout, rngs=rngs)
-    self.conv2 = CausalConv(cout, cout, k, config=config, rngs=rngs)
-    self.skip = CausalConv(cin, cout, (1, 1, 1), config=config, rngs=rngs) if cin != cout else None
+    self.conv2 = CausalConv(cout, cout, k, vae=vae, rngs=rngs)
+    self.skip = CausalConv(cin, cout, (1, 1, 1), vae=vae, rngs=rngs) if cin != cout else None
 
   def __call__(self, x, state):
     h = self.conv1(jax.nn.silu(self.norm1(x)), state)
@@ -240,11 +239,11 @@ class ResBlock(nnx.Module):
 class FrameAttention(nnx.Module):
   """Single-head self-attention over the positions of each frame (causal-safe)."""
 
-  def __init__(self, channels, *, config, rngs):
-    self.impl = attention.check_impl(config.vae.attention_impl, "vae.attention_impl")
+  def __init__(self, channels, *, vae, rngs):
+    self.impl = attention.check_impl(vae.attention_impl, "vae.attention_impl")
     self.norm = FrameNorm(channels, rngs=rngs)
-    self.qkv = CausalConv(channels, 3 * channels, (1, 1, 1), config=config, rngs=rngs)
-    self.proj = CausalConv(channels, channels, (1, 1, 1), config=config, rngs=rngs)
+    self.qkv = CausalConv(channels, 3 * channels, (1, 1, 1), vae=vae, rngs=rngs)
+    self.proj = CausalConv(channels, channels, (1, 1, 1), vae=vae, rngs=rngs)
 
   def __call__(self, x, state):
     b, t, h, w, c = x.shape
@@ -255,34 +254,34 @@ class FrameAttention(nnx.Module):
     return x + self.proj(y, state)
 
 
-def _time_kernels(config):
+def _time_kernels(vae):
   """Time taps per level: (1,3,3) spatial convs on the first `spatial_only_levels`
   (highest-resolution, most expensive) levels, causal 3x3x3 below."""
-  levels = len(config.vae.widths)
-  return [1 if level < config.vae.spatial_only_levels else 3 for level in range(levels)]
+  levels = len(vae.widths)
+  return [1 if level < vae.spatial_only_levels else 3 for level in range(levels)]
 
 
-def _halves_time(config, stage):
+def _halves_time(vae, stage):
   """Whether the downsampling stage from level `stage` to `stage + 1` also halves time."""
-  return stage < int(math.log2(config.vae.temporal_compression))
+  return stage < int(math.log2(vae.temporal_compression))
 
 
 class Encoder(nnx.Module):
-  def __init__(self, config, *, rngs):
-    widths, kts = list(config.vae.widths), _time_kernels(config)
-    self.conv_in = CausalConv(3, widths[0], (kts[0], 3, 3), config=config, rngs=rngs)
+  def __init__(self, vae, *, rngs):
+    widths, kts = list(vae.widths), _time_kernels(vae)
+    self.conv_in = CausalConv(3, widths[0], (kts[0], 3, 3), vae=vae, rngs=rngs)
     self.blocks, self.downs = nnx.List(), nnx.List()
     for level, width in enumerate(widths):
       self.blocks.append(
-          nnx.List([ResBlock(width, width, kts[level], config=config, rngs=rngs) for _ in range(config.vae.blocks_per_level)])
+          nnx.List([ResBlock(width, width, kts[level], vae=vae, rngs=rngs) for _ in range(vae.blocks_per_level)])
       )
       if level + 1 < len(widths):
-        halve = _halves_time(config, level)
+        halve = _halves_time(vae, level)
         kernel, stride = ((3, 3, 3), (2, 2, 2)) if halve else ((kts[level], 3, 3), (1, 2, 2))
-        self.downs.append(CausalConv(width, widths[level + 1], kernel, stride, config=config, rngs=rngs))
-    self.attention = FrameAttention(widths[-1], config=config, rngs=rngs) if config.vae.attention else None
+        self.downs.append(CausalConv(width, widths[level + 1], kernel, stride, vae=vae, rngs=rngs))
+    self.attention = FrameAttention(widths[-1], vae=vae, rngs=rngs) if vae.attention else None
     self.norm_out = FrameNorm(widths[-1], rngs=rngs)
-    self.conv_out = CausalConv(widths[-1], 2 * config.vae.latent_channels, (kts[-1], 3, 3), config=config, rngs=rngs)
+    self.conv_out = CausalConv(widths[-1], 2 * vae.latent_channels, (kts[-1], 3, 3), vae=vae, rngs=rngs)
 
   def __call__(self, x, state):
     x = self.conv_in(x, state)
@@ -297,24 +296,24 @@ class Encoder(nnx.Module):
 
 
 class Decoder(nnx.Module):
-  def __init__(self, config, *, rngs):
-    widths, kts = list(config.vae.widths), _time_kernels(config)
-    self.conv_in = CausalConv(config.vae.latent_channels, widths[-1], (kts[-1], 3, 3), config=config, rngs=rngs)
-    self.attention = FrameAttention(widths[-1], config=config, rngs=rngs) if config.vae.attention else None
+  def __init__(self, vae, *, rngs):
+    widths, kts = list(vae.widths), _time_kernels(vae)
+    self.conv_in = CausalConv(vae.latent_channels, widths[-1], (kts[-1], 3, 3), vae=vae, rngs=rngs)
+    self.attention = FrameAttention(widths[-1], vae=vae, rngs=rngs) if vae.attention else None
     self.blocks, self.time_ups, self.ups = nnx.List(), nnx.List(), nnx.List()
     for level in reversed(range(len(widths))):
       width = widths[level]
       self.blocks.append(
-          nnx.List([ResBlock(width, width, kts[level], config=config, rngs=rngs) for _ in range(config.vae.blocks_per_level)])
+          nnx.List([ResBlock(width, width, kts[level], vae=vae, rngs=rngs) for _ in range(vae.blocks_per_level)])
       )
       if level > 0:
         # Time: a causal conv to 2x channels, then channels -> two frames (depth-to-space).
-        halve = _halves_time(config, level - 1)
-        self.time_ups.append(CausalConv(width, 2 * width, (3, 3, 3), config=config, rngs=rngs) if halve else None)
-        self.ups.append(CausalConv(width, widths[level - 1], (kts[level - 1], 3, 3), config=config, rngs=rngs))
+        halve = _halves_time(vae, level - 1)
+        self.time_ups.append(CausalConv(width, 2 * width, (3, 3, 3), vae=vae, rngs=rngs) if halve else None)
+        self.ups.append(CausalConv(width, widths[level - 1], (kts[level - 1], 3, 3), vae=vae, rngs=rngs))
     self.norm_out = FrameNorm(widths[0], rngs=rngs)
     # 3 RGB outputs do not split over an fsdp axis, so the output channel stays unsharded.
-    self.conv_out = CausalConv(widths[0], 3, (kts[0], 3, 3), config=config, rngs=rngs, out_axis=None)
+    self.conv_out = CausalConv(widths[0], 3, (kts[0], 3, 3), vae=vae, rngs=rngs, out_axis=None)
 
   def __call__(self, z, state):
     x = self.conv_in(z, state)
@@ -341,7 +340,7 @@ class Decoder(nnx.Module):
 
 
 class VideoVAE(nnx.Module):
-  """The causal video VAE of config.vae. Build it under `mesh.activate(...)` for sharded
+  """The causal video VAE of vae. Build it under `mesh.activate(...)` for sharded
   params; outside a mesh it is built unsharded (the logical names are still recorded).
 
   Encoder: conv_in, then per level `blocks_per_level` residual blocks and a stride-2
@@ -351,15 +350,16 @@ class VideoVAE(nnx.Module):
   frame 0 decodes to frame 0 alone), space by nearest upsampling and a conv.
   """
 
-  def __init__(self, config, *, rngs: nnx.Rngs):
-    check_config(config)
-    self.temporal_compression = config.vae.temporal_compression
-    self.spatial_compression = config.vae.spatial_compression
-    self.latent_channels = config.vae.latent_channels
+  def __init__(self, vae, *, rngs: nnx.Rngs):
+    """vae: the config section of that name."""
+    check_config(vae)
+    self.temporal_compression = vae.temporal_compression
+    self.spatial_compression = vae.spatial_compression
+    self.latent_channels = vae.latent_channels
     no_mesh = jax.sharding.get_abstract_mesh().empty
     with nnx.use_eager_sharding(False) if no_mesh else contextlib.nullcontext():
-      self.encoder = Encoder(config, rngs=rngs)
-      self.decoder = Decoder(config, rngs=rngs)
+      self.encoder = Encoder(vae, rngs=rngs)
+      self.decoder = Decoder(vae, rngs=rngs)
 
   def _check(self, video):
     if video.ndim != 5 or video.shape[-1] != 3:
@@ -455,7 +455,7 @@ def _forward_flops(vae_key, frames, height, width):
   config = base_config()
   for key, value in vae_key:
     config.vae[key] = value
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: VideoVAE(config, rngs=nnx.Rngs(0))))
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: VideoVAE(config.vae, rngs=nnx.Rngs(0))))
   video = jax.ShapeDtypeStruct((1, frames, height, width, 3), jnp.float32)
   with _recording_layers() as log:
     jax.eval_shape(lambda s, v: nnx.merge(graphdef, s)(v, jax.random.key(0)), state, video)
@@ -470,7 +470,7 @@ def receptive_radius(config) -> int:
     return -1
   cs = config.vae.spatial_compression
   size = 8 * cs
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: VideoVAE(config, rngs=nnx.Rngs(0))))
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: VideoVAE(config.vae, rngs=nnx.Rngs(0))))
   video = jax.ShapeDtypeStruct((1, 1, size, size, 3), jnp.float32)
   latents = jax.ShapeDtypeStruct((1, 1, size // cs, size // cs, config.vae.latent_channels), jnp.float32)
   reach = []
