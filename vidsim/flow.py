@@ -231,13 +231,11 @@ def _time_at(t_grid, i, token_shape):
   return jnp.broadcast_to(t, token_shape)
 
 
-def sample_ode(velocity_fn, x_T, t_grid, clean_mask=None, x_clean=None, sampler: str = "euler", params=None):
+def sample_ode(velocity_fn, x_T, t_grid, clean_mask=None, x_clean=None, sampler: str = "euler"):
   """Integrates dx/dt = v from t_grid[0] (noise) to t_grid[-1] = 0, in one lax.fori_loop.
 
-  velocity_fn(x [R, L, P], t [R, L]) -> v, or velocity_fn(x, t, params) when params
-  (any pytree, e.g. the model's nnx.State) is given: params rides in the loop carry.
-  Pass traced model weights that way: flax NNX refuses to merge a module inside the
-  loop body from tracers closed over from the enclosing jit.
+  velocity_fn(x [R, L, P], t [R, L]) -> v (an NNX model is merged inside it: modules
+  must live at the trace level they run in).
   t_grid: [N + 1] shared, or [R, N + 1] per row, or [R, L, N + 1] per token; an int
   N means a plain linear grid 1 -> 0 (use `sample_time_grid` for the training
   shift). Tokens in clean_mask [R, L] are held at x_clean exactly, and the model
@@ -258,12 +256,9 @@ def sample_ode(velocity_fn, x_T, t_grid, clean_mask=None, x_clean=None, sampler:
   def hold(x):
     return jnp.where(keep, x_clean, x)
 
-  def step(i, carry):
-    x, loop_params = carry
-    extra = () if params is None else (loop_params,)
-
+  def step(i, x):
     def velocity(x, t):
-      return velocity_fn(hold(x), jnp.where(clean_mask, 0.0, t), *extra)
+      return velocity_fn(hold(x), jnp.where(clean_mask, 0.0, t))
 
     t_now, t_next = _time_at(t_grid, i, token_shape), _time_at(t_grid, i + 1, token_shape)
     dt = (t_next - t_now)[..., None]
@@ -271,32 +266,30 @@ def sample_ode(velocity_fn, x_T, t_grid, clean_mask=None, x_clean=None, sampler:
     x_euler = x + dt * v
     if sampler == "heun":
       x_euler = x + dt * 0.5 * (v + velocity(x_euler, t_next))
-    return hold(x_euler), loop_params
+    return hold(x_euler)
 
-  x, _ = jax.lax.fori_loop(0, t_grid.shape[-1] - 1, step, (hold(x_T), params))
-  return x
+  return jax.lax.fori_loop(0, t_grid.shape[-1] - 1, step, hold(x_T))
 
 
 def cfg_velocity(model_fn, guidance: float, row_inputs=None, num_segments: int = 1):
   """A velocity_fn for classifier-free guidance, both branches in ONE forward pass.
 
   The rows are doubled (conditional first, then unconditional) and
-  model_fn(x [2R, L, P], t [2R, L], drop_text bool [2R, K], [row_inputs], [params])
-  is called once, K = num_segments (all of a row's segments share the branch).
-  row_inputs (an optional pytree with a leading row axis, e.g. positions, segment
-  ids and text) is tiled to 2R rows; params (from `sample_ode(..., params=)`) is
-  passed through. Returns v = v_u + g (v_c - v_u); guidance 1 (a Python float)
+  model_fn(x [2R, L, P], t [2R, L], drop_text bool [2R, K], [row_inputs]) is called
+  once, K = num_segments (all of a row's segments share the branch). row_inputs (an
+  optional pytree with a leading row axis, e.g. positions, segment ids and text) is
+  tiled to 2R rows. Returns v = v_u + g (v_c - v_u); guidance 1 (a Python float)
   runs the conditional branch only.
   """
   tiled = () if row_inputs is None else (row_inputs,)
 
-  def velocity_fn(x, t, *params):
+  def velocity_fn(x, t):
     rows = x.shape[0]
     if guidance == 1.0:
-      return model_fn(x, t, jnp.zeros((rows, num_segments), bool), *tiled, *params)
+      return model_fn(x, t, jnp.zeros((rows, num_segments), bool), *tiled)
     doubled = jax.tree.map(lambda a: jnp.concatenate([a, a], axis=0), (x, t) + tiled)
     drop = jnp.repeat(jnp.asarray([False, True]), rows)[:, None] & jnp.ones((1, num_segments), bool)
-    v = model_fn(doubled[0], doubled[1], drop, *doubled[2:], *params)
+    v = model_fn(doubled[0], doubled[1], drop, *doubled[2:])
     v_cond, v_uncond = v[:rows], v[rows:]
     return v_uncond + guidance * (v_cond - v_uncond)
 

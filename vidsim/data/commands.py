@@ -71,13 +71,15 @@ def inspect(config, split: str, out: str = ""):
   if out:
     count = min(SHEET_EXAMPLES, len(source))
     examples = [pipeline.decode_example(source[i]) for i in range(count)]
-    sheet = contact_sheet(examples)
+    sheet = captioned_sheet(examples)
     write_png(out, sheet)
     print(f"contact sheet of {count} clips: {out}")
 
 
-def contact_sheet(examples) -> np.ndarray:
-  """One row per example: evenly spaced frames at a common height, the caption below."""
+def captioned_sheet(examples) -> np.ndarray:
+  """One row per example: evenly spaced frames at a common height, the caption below.
+  (Clips of a dataset differ in size and carry captions; generated samples share one
+  size and mark their given frames instead: video_io.contact_sheet.)"""
   rows = []
   for example in examples:
     video = example["video"]
