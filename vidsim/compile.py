@@ -471,7 +471,7 @@ def format_report(r) -> str:
       lines.append(f"  Pallas attention kernels per chip (not in the compiler's cost): {e['kernel_flops_per_chip']:.4g} "
                    f"FLOPs, {e['kernel_bytes_per_chip']:.4g} bytes, {_ms(e['kernel_s'])}")
     rate = "; ".join(f"{v:,.0f} {k[:-len('_per_s_per_chip')]}/s/chip" for k, v in e.items() if k.endswith("_per_s_per_chip"))
-    lines.append(f"  estimated step time >= {_ms(e["step_time_s"])} ({e['bound_by']}-bound XLA part), "
+    lines.append(f"  estimated step time >= {_ms(e['step_time_s'])} ({e['bound_by']}-bound XLA part), "
                  f"MFU <= {100 * e.get('mfu', 0):.1f}%, {rate}")
     lines.append(f"  ({e['method']})")
   m = r["machine"]
