@@ -117,6 +117,7 @@ def base_config() -> ConfigDict:
   c.vae.widths = (16, 32, 64)  # Channels per resolution level (len = log2(cs) + 1).
   c.vae.blocks_per_level = 1  # Residual blocks per level.
   c.vae.attention = False  # Self-attention within each frame at the lowest level.
+  c.vae.attention_impl = "xla"  # Its backend: xla | einsum | cudnn | splash | auto (as dit.attention_impl).
   c.vae.spatial_only_levels = 2  # The first N (highest-res) levels use (1,3,3) convs, the rest causal 3x3x3.
   c.vae.causal_padding = "replicate"  # Front time padding: replicate (copies of frame 0) | zeros.
   c.vae.dtype = "float32"  # Compute dtype: float32 | bfloat16 (params stay float32).
@@ -160,7 +161,21 @@ def base_config() -> ConfigDict:
   # in the frame it is (models/dit.py). "none": RoPE only.
   c.dit.position_embedding = "none"
   c.dit.remat = "none"  # Rematerialisation: none | full | dots (save matmul outputs).
-  c.dit.attention_impl = "xla"  # Attention: xla | cudnn | auto (jax.nn.dot_product_attention) | einsum (two einsums; fastest on CPU).
+  # Attention backend (models/attention.py): einsum (two einsums; fastest on CPU) | xla | cudnn
+  # (jax.nn.dot_product_attention) | splash (Pallas TPU kernel) | auto (cpu einsum, gpu cudnn, tpu splash).
+  c.dit.attention_impl = "xla"
+  # Self-attention across the mesh axes of mesh.rules.length (when > 1): all_gather (K/V) |
+  # ring (ppermute K/V blocks, online softmax) | ulysses (all-to-all to heads; heads per shard % axis == 0).
+  c.dit.context_parallel = "all_gather"
+  # Splash attention tiles (multiples of 128; cut to the sequence length): forward q / kv,
+  # dK/dV kernel, dQ kernel.
+  c.dit.attention_block_sizes = ConfigDict(
+      dict(
+          block_q=512, block_kv=512, block_kv_compute=512,
+          block_q_dkv=512, block_kv_dkv=512, block_kv_dkv_compute=512,
+          block_q_dq=512, block_kv_dq=512,
+      )
+  )
   c.dit.dtype = "float32"  # Compute dtype: float32 | bfloat16 (params stay float32).
 
   # ---------------------------------------------------------------- text conditioning

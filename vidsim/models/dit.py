@@ -3,13 +3,17 @@
 Call: model(x_t [R, L, P], t [R, L], positions [R, L, 3], segment_ids [R, L],
 text {text_tokens | text_embeddings, text_mask [R, K, S]}, drop_text [R, K]) -> v [R, L, P].
 
+- Attention takes segment ids, never a dense mask (vidsim.models.attention.attend:
+  einsum / xla / cudnn / splash backends, context parallelism over the mesh axis of
+  "length" by dit.context_parallel).
 - Self-attention stays inside a segment (segment_ids; 0 = padding) with 3D RoPE over
   each token's own (t, h, w) position, so a packed row computes exactly what each
   sample would alone. dit.position_embedding = "sincos" also adds fixed sin/cos
   features of the (t, h, w) index to the patch embeddings: RoPE alone gives only
   relative offsets, so a token cannot tell it is at the left of the frame.
 - Cross-attention: every token sees only the caption of its own segment (text of
-  slot k belongs to segment k + 1; the K captions are flattened to K*S keys).
+  slot k belongs to segment k + 1; the K captions are flattened to K*S keys whose
+  segment id is k + 1 where the text is valid, else 0).
 - Time is per token (clean conditioning tokens have t = 0). Modulation is
   adaLN-single (PixArt-alpha): one timestep MLP gives 6 * width per token, shared
   by every block, plus a learned per-block (6, width) table. A per-block adaLN
@@ -47,23 +51,26 @@ class DiTBlock(nnx.Module):
     d = config.dit
     dtype = layers.compute_dtype(d.dtype)
     impl = layers.attention_impl(d.attention_impl)
+    parallel = dict(context_parallel=d.context_parallel, block_sizes=dict(d.attention_block_sizes))
     self.dtype = dtype
     # Added to the shared per-token modulation; zeros + the zero-init timestep
     # projection make gates 0 at init, so the block starts as the identity.
     self.modulation = nnx.Param(
         layers.partitioned(layers.zeros, None, "embed")(rngs.params(), (MODULATIONS, d.width))
     )
-    self.attn = layers.SelfAttention(d.width, d.heads, qk_norm=d.qk_norm, dtype=dtype, impl=impl, rngs=rngs)
+    self.attn = layers.SelfAttention(
+        d.width, d.heads, qk_norm=d.qk_norm, dtype=dtype, impl=impl, rngs=rngs, **parallel
+    )
     self.cross = layers.CrossAttention(
-        d.width, context_width, d.heads, qk_norm=d.qk_norm, dtype=dtype, impl=impl, rngs=rngs
+        d.width, context_width, d.heads, qk_norm=d.qk_norm, dtype=dtype, impl=impl, rngs=rngs, **parallel
     )
     self.mlp = layers.Mlp(d.width, d.mlp_ratio, d.mlp, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x, time_mod, rope, self_bias, context, cross_bias, cross_has_key):
+  def __call__(self, x, time_mod, rope, segment_ids, context, context_segment_ids):
     mod = time_mod + self.modulation[...].astype(time_mod.dtype)  # [R, L, 6, W]
     shift1, scale1, gate1, shift2, scale2, gate2 = jnp.unstack(mod, axis=2)
-    x = x + gate1 * self.attn(layers.modulate(layers.layer_norm(x), shift1, scale1), self_bias, rope)
-    x = x + self.cross(layers.layer_norm(x), context, cross_bias, cross_has_key)
+    x = x + gate1 * self.attn(layers.modulate(layers.layer_norm(x), shift1, scale1), segment_ids, rope)
+    x = x + self.cross(layers.layer_norm(x), context, segment_ids, context_segment_ids)
     x = x + gate2 * self.mlp(layers.modulate(layers.layer_norm(x), shift2, scale2))
     return mesh_lib.constrain(x, "batch", "length", "embed")
 
@@ -117,7 +124,8 @@ class DiT(nnx.Module):
     )
 
   def encode_text(self, text, drop_text):
-    """Captions -> context [R, K*S, C], key segment ids [K*S] and key mask [R, K*S]."""
+    """Captions -> context [R, K*S, C] and its key segment ids [R, K*S]: k + 1 for a
+    valid position of caption slot k, 0 for a masked one."""
     context, mask = self.text(text)
     r, k, s, c = context.shape
     if drop_text.shape != (r, k):
@@ -125,8 +133,9 @@ class DiT(nnx.Module):
     drop = drop_text.astype(bool)
     context = jnp.where(drop[:, :, None, None], self.null_text[...].astype(context.dtype), context)
     mask = mask | drop[:, :, None]
-    key_segments = jnp.repeat(jnp.arange(1, k + 1, dtype=jnp.int32), s)
-    return context.reshape(r, k * s, c), key_segments, mask.reshape(r, k * s)
+    slots = jnp.arange(1, k + 1, dtype=jnp.int32)[None, :, None]
+    key_segments = jnp.where(mask, slots, 0).reshape(r, k * s)
+    return context.reshape(r, k * s, c), key_segments
 
   def __call__(self, x_t, t, positions, segment_ids, text, drop_text):
     r, l, p = x_t.shape
@@ -135,11 +144,7 @@ class DiT(nnx.Module):
           f"tokens have {p} features, the model expects prod(dit.patch_size) * vae.latent_channels = {self.patch_dim}"
       )
     segment_ids = segment_ids.astype(jnp.int32)
-    context, key_segments, key_mask = self.encode_text(text, drop_text)
-    cross_mask = (segment_ids[:, :, None] == key_segments[None, None, :]) & key_mask[:, None, :]
-    # Masks become additive biases here, once, not inside every scanned block.
-    self_bias = layers.attention_bias(layers.self_attention_mask(segment_ids))
-    cross_bias, cross_has_key = layers.cross_attention_bias(cross_mask[:, None])
+    context, key_segments = self.encode_text(text, drop_text)
     rope = layers.rope_angles(positions, self.head_dim, self.rope_theta)
 
     x = self.patch_embed(x_t.astype(self.dtype))
@@ -149,7 +154,7 @@ class DiT(nnx.Module):
     time = self.time_embed(t)  # [R, L, W]
     time_mod = self.time_modulation(jax.nn.silu(time)).reshape(r, l, MODULATIONS, -1)
     x = layers.run_layers(
-        self.blocks, x, time_mod, rope, self_bias, context, cross_bias, cross_has_key, remat=self.remat
+        self.blocks, x, time_mod, rope, segment_ids, context, key_segments, remat=self.remat
     )
     shift, scale = jnp.unstack(self.final_modulation[...].astype(time.dtype) + time[:, :, None], axis=2)
     v = self.final(layers.modulate(layers.layer_norm(x), shift, scale))

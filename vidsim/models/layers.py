@@ -1,7 +1,7 @@
 """Transformer pieces shared by the DiT and the byte text encoder.
 
-Attention (fused self-attention and cross-attention, both masked, through our
-einsum attention with its own backward or `jax.nn.dot_product_attention`), 3D RoPE
+Attention (fused self-attention and cross-attention, both masked by segment ids
+through `vidsim.models.attention.attend`), 3D RoPE
 over per-token (t, h, w) positions, QK-norm, GELU / SwiGLU MLPs, the sinusoidal
 timestep embedding, adaLN helpers and the scanned layer stack. Every parameter
 carries logical axis names (see config.mesh.rules); stacked layers get the extra
@@ -13,9 +13,9 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.ad_checkpoint import checkpoint_name
 
 from vidsim.errors import UsageError
+from vidsim.models import attention
 
 # Initialisers: DiT / PixArt use xavier-uniform for projections and zeros for the
 # adaLN modulation (so every gate starts at 0 and a fresh block is the identity) and
@@ -31,16 +31,13 @@ LAYERS = {nnx.PARTITION_NAME: "layers"}
 
 REMAT_POLICIES = {
     "full": None,  # Save nothing; recompute the whole layer in the backward pass.
-    # Keep matmul outputs without batch dims (the projections) and the einsum
-    # attention's output and log-sum-exp (`einsum_attention`); recompute the rest.
+    # Keep matmul outputs without batch dims (the projections) and the einsum / ring
+    # attention's output and log-sum-exp (attention.einsum_attention); recompute the rest.
     "dots": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
         jax.checkpoint_policies.save_only_these_names("attention_out", "attention_lse"),
     ),
 }
-# "einsum": our own two-einsum attention (see `einsum_attention`); the others are
-# jax.nn.dot_product_attention's implementations.
-ATTENTION_IMPLS = {"einsum": "einsum", "xla": "xla", "cudnn": "cudnn", "auto": None}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -56,9 +53,8 @@ def compute_dtype(name: str):
 
 
 def attention_impl(name: str):
-  if name not in ATTENTION_IMPLS:
-    raise UsageError(f"dit.attention_impl {name!r} is not one of {sorted(ATTENTION_IMPLS)}")
-  return ATTENTION_IMPLS[name]
+  """Validates dit.attention_impl (see vidsim.models.attention.IMPLS)."""
+  return attention.check_impl(name)
 
 
 # ------------------------------------------------------------------ norms
@@ -139,106 +135,18 @@ def apply_rope(x, cos, sin):
 # ------------------------------------------------------------------ attention
 
 
-def self_attention_mask(segment_ids):
-  """[R, L] segment ids -> [R, 1, L, L]: attend within the segment; padding (0)
-  attends only to itself, so no query row is empty (an empty row gives NaN)."""
-  same = segment_ids[:, :, None] == segment_ids[:, None, :]
-  real = (segment_ids > 0)[:, :, None]
-  eye = jnp.eye(segment_ids.shape[1], dtype=bool)[None]
-  return ((same & real) | eye)[:, None]
-
-
-def padding_mask(valid):
-  """[R, S] valid keys -> [R, 1, S, S] for a self-attention over padded text.
-  Every query sees the valid keys, and itself, so an empty caption has no empty row."""
-  eye = jnp.eye(valid.shape[1], dtype=bool)[None]
-  return (valid[:, None, :] | eye)[:, None]
-
-
-MASKED = -1e30  # Added to the logits of masked keys: exp underflows to exactly 0.
-
-
-def attention_bias(mask):
-  """Bool mask (True = attend) -> additive fp32 logit bias (0 or MASKED).
-
-  Models turn their masks into biases once, outside the scanned layer stack, so
-  each layer adds a bias instead of selecting on its logits (a select's backward
-  needs the mask again in every layer); the add is the same math for every
-  implementation, and jax.nn.dot_product_attention takes the bias as is.
-  """
-  return jnp.where(mask, 0.0, MASKED).astype(jnp.float32)
-
-
-def attend(q, k, v, bias, impl):
-  """Attention [R, T, H, D] x [R, S, H, D] -> [R, T, H, D] with an additive logit
-  bias broadcastable to [R, H, T, S] (see `attention_bias`)."""
-  if impl == "einsum":
-    return einsum_attention(q, k, v, bias)
-  return jax.nn.dot_product_attention(q, k, v, bias=bias.astype(q.dtype), implementation=impl)
-
-
-@jax.custom_vjp
-def einsum_attention(q, k, v, bias):
-  """Softmax attention as two einsums (logits and softmax in fp32) with a
-  FlashAttention-style backward (`_einsum_attention_bwd`).
-
-  Why not jax.nn.dot_product_attention(implementation="xla"): on XLA:CPU (jax 0.10.2)
-  the same math runs slower through it (attention alone, forward + backward at
-  [2, 1024, 8, 64]: 1.8x; a whole DiT bench train step: 5.04 s vs 4.32 s, see
-  docs/benchmarks.md "## DiT"), and there is no fused CPU kernel.
-  On GPU/TPU pick cudnn or xla/auto instead.
-  """
-  return _einsum_attention_fwd(q, k, v, bias)[0]
-
-
-def _logits(q, k, bias):
-  scale = q.shape[-1] ** -0.5
-  return jnp.einsum("rthd,rshd->rhts", q, k, preferred_element_type=jnp.float32) * scale + bias
-
-
-def _einsum_attention_fwd(q, k, v, bias):
-  """Normalises after the value einsum ([T, D] per head, not [T, S]) and keeps only
-  the output and the log-sum-exp for the backward. Their names let the remat policy
-  save these two small arrays, so the backward recomputes the logits once instead
-  of the whole forward (see REMAT_POLICIES)."""
-  logits = _logits(q, k, bias)
-  peak = jax.lax.stop_gradient(logits.max(-1, keepdims=True))
-  unnormalised = jnp.exp(logits - peak)
-  total = unnormalised.sum(-1, keepdims=True)  # [R, H, T, 1]
-  out = jnp.einsum("rhts,rshd->rthd", unnormalised.astype(v.dtype), v, preferred_element_type=jnp.float32)
-  out = checkpoint_name((out / jnp.moveaxis(total, 1, 2)).astype(q.dtype), "attention_out")
-  lse = checkpoint_name((peak + jnp.log(total))[..., 0], "attention_lse")  # [R, H, T]
-  return out, (q, k, v, bias, out, lse)
-
-
-def _einsum_attention_bwd(residuals, d_out):
-  """dLogits = P * (dP - rowsum(dO * O)): the row sum is over [T, D], not over
-  [T, S] (FlashAttention's identity), so the backward makes two passes over the
-  logits instead of the softmax VJP's three."""
-  q, k, v, bias, out, lse = residuals
-  probs = jnp.exp(_logits(q, k, bias) - lse[..., None])
-  d_v = jnp.einsum("rhts,rthd->rshd", probs.astype(d_out.dtype), d_out, preferred_element_type=jnp.float32)
-  d_probs = jnp.einsum("rthd,rshd->rhts", d_out, v, preferred_element_type=jnp.float32)
-  delta = jnp.einsum("rthd,rthd->rht", d_out.astype(jnp.float32), out.astype(jnp.float32))
-  # The gradient of the unscaled q.k scores: the logits' gradient times the scale.
-  d_scores = (probs * (d_probs - delta[..., None]) * q.shape[-1] ** -0.5).astype(q.dtype)
-  d_q = jnp.einsum("rhts,rshd->rthd", d_scores, k, preferred_element_type=jnp.float32)
-  d_k = jnp.einsum("rhts,rthd->rshd", d_scores, q, preferred_element_type=jnp.float32)
-  # The bias comes from integer masks: nothing upstream needs its gradient.
-  return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), None
-
-
-einsum_attention.defvjp(_einsum_attention_fwd, _einsum_attention_bwd)
-
-
 class SelfAttention(nnx.Module):
   """Fused-qkv multi-head self-attention with optional QK-norm and RoPE."""
 
-  def __init__(self, width, heads, *, qk_norm, dtype, impl, rngs):
+  def __init__(self, width, heads, *, qk_norm, dtype, impl, rngs, context_parallel=None, block_sizes=None):
+    """context_parallel / block_sizes: see attention.attend (None: the length is never
+    split over the mesh, e.g. the text encoder's captions)."""
     if width % heads:
       raise UsageError(f"width {width} is not divisible by heads {heads}")
     head_dim = width // heads
-    self.impl = impl
+    self.impl = attention.check_impl(impl)
+    self.context_parallel = attention.check_context_parallel(context_parallel)
+    self.block_sizes = tuple(sorted(attention.check_block_sizes(block_sizes).items()))
     # One [width, 3, heads, head_dim] kernel: one matmul for q, k and v.
     self.qkv = nnx.Einsum(
         "rld,dnhk->rlnhk", (width, 3, heads, head_dim), dtype=dtype,
@@ -251,32 +159,29 @@ class SelfAttention(nnx.Module):
     self.q_norm = rms_norm(head_dim, dtype, rngs) if qk_norm else None
     self.k_norm = rms_norm(head_dim, dtype, rngs) if qk_norm else None
 
-  def __call__(self, x, bias, rope=None):
-    """bias: [R, 1, L, L] additive logit bias (`attention_bias`)."""
+  def __call__(self, x, segment_ids, rope=None):
+    """segment_ids int [R, L]: tokens attend within their segment; 0 = padding."""
     q, k, v = jnp.unstack(self.qkv(x), axis=2)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     if rope is not None:
       q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    return self.out(attend(q, k, v, bias, self.impl))
-
-
-def cross_attention_bias(mask):
-  """Cross-attention mask [R, 1, L, S] -> (bias, has_key [R, L, 1, 1]).
-
-  Query rows with no valid key (padding tokens, a segment whose caption is empty)
-  attend to everything and are then zeroed by has_key, instead of a softmax over
-  nothing (NaN)."""
-  has_key = mask.any(-1, keepdims=True)  # [R, 1, L, 1]
-  return attention_bias(mask | ~has_key), has_key[:, 0, :, :, None]
+    out = attention.attend(
+        q, k, v, segment_ids, segment_ids, impl=self.impl, context_parallel=self.context_parallel,
+        block_sizes=dict(self.block_sizes), kv_sharded=True,
+    )
+    return self.out(out)
 
 
 class CrossAttention(nnx.Module):
   """Queries from the image tokens, keys and values from the text tokens."""
 
-  def __init__(self, width, context_width, heads, *, qk_norm, dtype, impl, rngs):
+  def __init__(self, width, context_width, heads, *, qk_norm, dtype, impl, rngs, context_parallel=None,
+               block_sizes=None):
     head_dim = width // heads
-    self.impl = impl
+    self.impl = attention.check_impl(impl)
+    self.context_parallel = attention.check_context_parallel(context_parallel)
+    self.block_sizes = tuple(sorted(attention.check_block_sizes(block_sizes).items()))
     self.q = nnx.Einsum(
         "rld,dhk->rlhk", (width, heads, head_dim), dtype=dtype,
         kernel_init=partitioned(xavier, "embed", "heads", "kv"), rngs=rngs,
@@ -292,13 +197,17 @@ class CrossAttention(nnx.Module):
     self.q_norm = rms_norm(head_dim, dtype, rngs) if qk_norm else None
     self.k_norm = rms_norm(head_dim, dtype, rngs) if qk_norm else None
 
-  def __call__(self, x, context, bias, has_key):
-    """bias, has_key: from `cross_attention_bias`."""
+  def __call__(self, x, context, segment_ids, context_segment_ids):
+    """segment_ids [R, L] of the queries; context_segment_ids [R, S] of the keys (0 =
+    not a key). A query whose segment has no key (an empty caption) gets 0."""
     q = self.q(x)
     k, v = jnp.unstack(self.kv(context), axis=2)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
-    out = attend(q, k, v, bias, self.impl) * has_key.astype(q.dtype)
+    out = attention.attend(
+        q, k, v, segment_ids, context_segment_ids, impl=self.impl, context_parallel=self.context_parallel,
+        block_sizes=dict(self.block_sizes), kv_sharded=False,
+    )
     return self.out(out)
 
 

@@ -11,6 +11,7 @@ Both read `text_mask` bool [R, K, S]. The encoder lives inside the DiT, so the
 model has one param tree and one optimizer.
 """
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -59,8 +60,8 @@ class TextBlock(nnx.Module):
     self.norm2 = layers.rms_norm(width, dtype, rngs)
     self.mlp = layers.Mlp(width, TEXT_MLP_RATIO, "gelu", dtype=dtype, rngs=rngs)
 
-  def __call__(self, x, bias):
-    x = x + self.attn(self.norm1(x), bias)
+  def __call__(self, x, segment_ids):
+    x = x + self.attn(self.norm1(x), segment_ids)
     return x + self.mlp(self.norm2(x))
 
 
@@ -95,7 +96,9 @@ class ByteTextEncoder(nnx.Module):
     if s != self.max_length:
       raise UsageError(f"text_tokens have length {s}, config.text.max_length is {self.max_length}")
     x = self.embed(ids.reshape(r * k, s)) + self.position[...].astype(self.dtype)
-    x = layers.run_layers(self.blocks, x, layers.attention_bias(layers.padding_mask(mask.reshape(r * k, s))))
+    # Valid text positions are segment 1, padding 0 (which outputs 0 and is masked
+    # out of the DiT's cross-attention keys anyway).
+    x = layers.run_layers(self.blocks, x, mask.reshape(r * k, s).astype(jnp.int32))
     return self.norm(x).reshape(r, k, s, self.width), mask
 
 

@@ -26,6 +26,7 @@ from flax import nnx
 
 from vidsim.config import base_config
 from vidsim.errors import UsageError
+from vidsim.models import attention
 from vidsim.mesh import constrain
 
 VALID_TEMPORAL = (1, 2, 4)
@@ -248,6 +249,7 @@ class FrameAttention(nnx.Module):
   """Single-head self-attention over the positions of each frame (causal-safe)."""
 
   def __init__(self, channels, *, config, rngs):
+    self.impl = attention.check_impl(config.vae.attention_impl, "vae.attention_impl")
     self.norm = FrameNorm(channels, rngs=rngs)
     self.qkv = CausalConv(channels, 3 * channels, (1, 1, 1), config=config, rngs=rngs)
     self.proj = CausalConv(channels, channels, (1, 1, 1), config=config, rngs=rngs)
@@ -255,7 +257,8 @@ class FrameAttention(nnx.Module):
   def __call__(self, x, state):
     b, t, h, w, c = x.shape
     q, k, v = jnp.split(self.qkv(self.norm(x), state).reshape(b * t, h * w, 1, 3 * c), 3, axis=-1)
-    y = jax.nn.dot_product_attention(q, k, v).reshape(b, t, h, w, c)
+    every = jnp.ones((b * t, h * w), jnp.int32)  # One segment per frame: no padding.
+    y = attention.attend(q, k, v, every, every, impl=self.impl, context_parallel=None).reshape(b, t, h, w, c)
     _record("attention", 2 * 2 * b * t * (h * w) ** 2 * c)  # QK^T and AV.
     return x + self.proj(y, state)
 
