@@ -73,9 +73,12 @@ def compile_only_devices(topology):
 
   # Off a TPU VM, libtpu's initialisation asks the GCE metadata server what this host
   # is and prints warnings when nobody answers; these say it (unless already set, as on
-  # a TPU VM). The compile target is get_topology_desc's arguments, not these.
+  # a TPU VM). The compile target is get_topology_desc's arguments, not these. A compile
+  # uses no TPU, so it need not hold libtpu's one-process-per-host lock either: two
+  # compiles (or a compile beside a test run) may run at once.
   for name, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_ACCELERATOR_TYPE", topology.accelerator_type),
-                      ("TPU_WORKER_HOSTNAMES", "localhost"), ("TPU_WORKER_ID", "0")):
+                      ("TPU_WORKER_HOSTNAMES", "localhost"), ("TPU_WORKER_ID", "0"),
+                      ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
     os.environ.setdefault(name, value)
   desc = topologies.get_topology_desc(
       platform="tpu", topology_name=topology.topology_name,

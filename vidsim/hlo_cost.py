@@ -84,14 +84,29 @@ def parse(hlo_text):
   return computations, entry
 
 
-def _trip_count(condition):
-  """N of a loop whose condition is `counter < N` with a constant N (lax.scan's form); 1 if unknown."""
+def _trip_count(attrs, condition, computations):
+  """A while loop's trip count: XLA's known_trip_count when it wrote one, else N of a
+  condition `counter < N` with a constant N (lax.scan's form, the compare possibly
+  inside a fusion); 1 if neither."""
+  known = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', attrs)
+  if known:
+    return max(int(known.group(1)), 1)
+  if condition is None:
+    return 1
   constants = {}
-  for name, _, opcode, operands, attrs in condition.instructions:
+  for name, _, opcode, operands, _ in condition.instructions:
     if opcode == "constant" and re.fullmatch(r"-?\d+", operands.strip()):
       constants[name] = int(operands)
+
+  def is_less_than(opcode, attrs):
+    if opcode == "compare":
+      return "direction=LT" in attrs
+    callee = re.search(r"calls=%([\w.\-]+)", attrs)
+    inner = computations.get(callee.group(1)) if opcode == "fusion" and callee else None
+    return inner is not None and any(op == "compare" and "direction=LT" in at for _, _, op, _, at in inner.instructions)
+
   for name, _, opcode, operands, attrs in condition.instructions:
-    if opcode == "compare" and "direction=LT" in attrs:
+    if is_less_than(opcode, attrs):
       for ref in re.findall(r"%([\w.\-]+)", operands):
         if ref in constants:
           return max(constants[ref], 1)
@@ -151,7 +166,7 @@ def loop_factors(hlo_text):
         flops[c.name] += _matmul_flops(c, type_text, opcode, operands, attrs)
       called = dict((kind, callee) for kind, callee in _CALLED.findall(attrs))
       if opcode == "while" and "body" in called:
-        trips = _trip_count(computations[called["condition"]]) if called.get("condition") in computations else 1
+        trips = _trip_count(attrs, computations.get(called.get("condition")), computations)
         loops.append((called["body"], trips))
         edges[c.name] += [(called["body"], trips, True), (called.get("condition"), trips, True)]
       else:
