@@ -84,19 +84,29 @@ def parse(hlo_text):
   return computations, entry
 
 
-def _trip_count(attrs, condition, computations):
-  """A while loop's trip count: XLA's known_trip_count when it wrote one, else N of a
-  condition `counter < N` with a constant N (lax.scan's form, the compare possibly
-  inside a fusion); 1 if neither."""
+def _trip_count(attrs, condition, body, computations):
+  """A while loop's trip count: XLA's known_trip_count when it wrote one, else from a
+  condition `counter < N` with a constant N (lax.scan's form; the compare possibly inside
+  a fusion) and the body's `counter + step` (XLA's windowed einsums step by 2); 1 if
+  neither can be read."""
   known = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', attrs)
   if known:
     return max(int(known.group(1)), 1)
   if condition is None:
     return 1
-  constants = {}
-  for name, _, opcode, operands, _ in condition.instructions:
-    if opcode == "constant" and re.fullmatch(r"-?\d+", operands.strip()):
-      constants[name] = int(operands)
+  init_step = re.search(r'"known_init_step":\{"init":"(-?\d+)","step":"(\d+)"\}', attrs)
+  init, step = (int(init_step.group(1)), int(init_step.group(2))) if init_step else (0, None)
+
+  def constants(computation):
+    return {name: int(ops) for name, _, op, ops, _ in computation.instructions
+            if op == "constant" and re.fullmatch(r"-?\d+", ops.strip())}
+
+  def tuple_index(computation, ref):
+    for name, _, op, _, at in computation.instructions:
+      if name == ref and op == "get-tuple-element":
+        index = re.search(r"index=(\d+)", at)
+        return int(index.group(1)) if index else None
+    return None
 
   def is_less_than(opcode, attrs):
     if opcode == "compare":
@@ -105,11 +115,34 @@ def _trip_count(attrs, condition, computations):
     inner = computations.get(callee.group(1)) if opcode == "fusion" and callee else None
     return inner is not None and any(op == "compare" and "direction=LT" in at for _, _, op, _, at in inner.instructions)
 
-  for name, _, opcode, operands, attrs in condition.instructions:
-    if is_less_than(opcode, attrs):
-      for ref in re.findall(r"%([\w.\-]+)", operands):
-        if ref in constants:
-          return max(constants[ref], 1)
+  limits = constants(condition)
+  for _, _, opcode, operands, attrs_ in condition.instructions:
+    if not is_less_than(opcode, attrs_):
+      continue
+    refs = _refs(operands)
+    bound = next((limits[r] for r in refs if r in limits), None)
+    if bound is None:
+      continue
+    counter = next((tuple_index(condition, r) for r in refs if r not in limits), None)
+    if step is None:
+      step = _counter_step(body, counter) if body is not None and counter is not None else 1
+    return max(-(-(bound - init) // max(step, 1)), 1)
+  return 1
+
+
+def _counter_step(body, index):
+  """c of the body's `counter + c` for the counter at tuple index `index` (1 if not found)."""
+  root = body.instructions[-1] if body.instructions else None
+  if root is None or root[2] != "tuple":
+    return 1
+  refs = _refs(root[3])
+  if index >= len(refs):
+    return 1
+  constants = {name: int(ops) for name, _, op, ops, _ in body.instructions
+               if op == "constant" and re.fullmatch(r"-?\d+", ops.strip())}
+  for name, _, op, ops, _ in body.instructions:
+    if name == refs[index] and op == "add":
+      return next((constants[r] for r in _refs(ops) if r in constants), 1)
   return 1
 
 
@@ -150,6 +183,55 @@ def _matmul_flops(computation, type_text, opcode, operands, attrs):
   return 2.0 * out_elements * contracted
 
 
+def _refs(operands):
+  return re.findall(r"%([\w.\-]+)", operands)
+
+
+def _instruction_bytes(c, type_text, opcode, operands, attrs, computations):
+  """HBM bytes a top-level instruction reads and writes. Slices of a big buffer move only
+  the slice: a layer scan reads layer i of its stacked weights with a dynamic-slice and
+  writes its saved activations into a stacked buffer in place (dynamic-update-slice),
+  and counting those buffers whole would count every layer's share every iteration."""
+  refs = _refs(operands)
+  size = lambda ref: _nbytes(c.types.get(ref, ""))
+  if opcode == "dynamic-slice":
+    return 2 * _nbytes(type_text)
+  if opcode == "dynamic-update-slice":
+    return 2 * size(refs[1]) if len(refs) > 1 else _nbytes(type_text)
+  callee = re.search(r"calls=%([\w.\-]+)", attrs)
+  fused = computations.get(callee.group(1)) if opcode == "fusion" and callee else None
+  if fused is None:
+    return _nbytes(type_text) + sum(size(r) for r in refs)
+  params = {}  # fused parameter name -> operand index
+  for name, _, op, ops, _ in fused.instructions:
+    if op == "parameter" and re.fullmatch(r"\d+", ops.strip()):
+      params[name] = int(ops)
+  users = {name: [] for name in params}  # parameter -> [(opcode, operand position, result type, operands)]
+  for name, t, op, ops, _ in fused.instructions:
+    for position, ref in enumerate(_refs(ops)):
+      if ref in users:
+        users[ref].append((op, position, t, ops))
+  root = fused.instructions[-1] if fused.instructions else None
+  in_place, written = set(), None
+  if root is not None:
+    roots = [root] if root[2] != "tuple" else [i for i in fused.instructions if i[0] in _refs(root[3])]
+    dus = [i for i in roots if i[2] == "dynamic-update-slice"]
+    if dus:
+      written = sum(_nbytes(fused.types.get(_refs(i[3])[1], "")) for i in dus if len(_refs(i[3])) > 1)
+      written += sum(_nbytes(i[1]) for i in roots if i[2] != "dynamic-update-slice")
+      in_place = {_refs(i[3])[0] for i in dus}
+  total = _nbytes(type_text) if written is None else written
+  for name, index in params.items():
+    if index >= len(refs) or name in in_place:
+      continue
+    uses = users[name]
+    if uses and all(op == "dynamic-slice" and position == 0 for op, position, _, _ in uses):
+      total += sum(_nbytes(t) for _, _, t, _ in uses)
+    else:
+      total += size(refs[index])
+  return total
+
+
 def loop_factors(hlo_text):
   """{"flops": ratio, "bytes": ratio, "loops": [(body, trips)], ...}: the step's matmul FLOPs
   and HBM bytes with loops run their trip counts, over the same counted once per computation."""
@@ -166,7 +248,8 @@ def loop_factors(hlo_text):
         flops[c.name] += _matmul_flops(c, type_text, opcode, operands, attrs)
       called = dict((kind, callee) for kind, callee in _CALLED.findall(attrs))
       if opcode == "while" and "body" in called:
-        trips = _trip_count(attrs, computations.get(called.get("condition")), computations)
+        trips = _trip_count(attrs, computations.get(called.get("condition")), computations.get(called["body"]),
+                            computations)
         loops.append((called["body"], trips))
         edges[c.name] += [(called["body"], trips, True), (called.get("condition"), trips, True)]
       else:
@@ -176,8 +259,7 @@ def loop_factors(hlo_text):
       for group in _BRANCHES.findall(attrs):
         edges[c.name] += [(callee.strip().lstrip("%"), 1, True) for callee in group.split(",") if callee.strip()]
       if opcode not in _NO_BYTES:
-        refs = re.findall(r"%([\w.\-]+)", operands)
-        nbytes[c.name] += _nbytes(type_text) + sum(_nbytes(c.types.get(r, "")) for r in refs)
+        nbytes[c.name] += _instruction_bytes(c, type_text, opcode, operands, attrs, computations)
   totals = {}
   for with_trips in (True, False):
     f = b = 0.0
