@@ -92,6 +92,18 @@ def test_annotated_module_gets_the_specs_the_rules_say():
   assert model.up.kernel[...].sharding.shard_shape((8, 16)) == (4, 8)
 
 
+def test_param_shardings_are_the_same_with_the_rules_in_scope():
+  """The stages ask for shardings inside `activate(...)`: the rules in scope must not
+  be applied twice (which replicated every param)."""
+  c = _config(dict(data=2, fsdp=2, sequence=1, tensor=2))
+  mesh = mesh_lib.make_mesh(c)
+  with mesh_lib.activate(mesh, c):
+    _, state = nnx.split(nnx.eval_shape(lambda: _Annotated(nnx.Rngs(0))))
+    shardings = mesh_lib.param_shardings(state, mesh, c)
+  assert shardings["up"]["kernel"].spec == P("fsdp", "tensor")
+  assert shardings["heads"].spec == P("fsdp", "tensor", None)
+
+
 def test_batch_lands_sharded_over_data_and_fsdp():
   c = _config(dict(data=2, fsdp=2, sequence=1, tensor=2))
   mesh = mesh_lib.make_mesh(c)

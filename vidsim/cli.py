@@ -2,7 +2,8 @@
 
 Each subcommand is a function `run_<name>(args, config)` in the module that does the
 work; this file only parses arguments, loads the config and maps errors to exit
-codes: 0 done, 2 bad usage/config/input (UsageError), 1 anything else.
+codes: 0 done, 2 bad usage/config/input (UsageError), 1 anything else; an error class
+may name its own code (`exit_code`, e.g. 3: a compiled step does not fit in HBM).
 """
 
 import argparse
@@ -93,6 +94,16 @@ def _sample_cmd(sub):
   return p
 
 
+def _compile_cmd(sub):
+  p = sub.add_parser("compile", help="compile a train step for a TPU topology on this machine: HBM fit, estimated step time")
+  _add_config_arg(p)
+  p.add_argument("--topology", required=True, help="TPU accelerator type: v4-N, v5p-N, v5e-N / v5litepod-N, v6e-N")
+  p.add_argument("--slices", type=int, default=1, help="slices over DCN (default 1)")
+  p.add_argument("--stage", default="dit", choices=["dit", "vae"], help="which train step (default dit)")
+  p.add_argument("--out", default="", help="JSON report path")
+  return p
+
+
 def _demo_cmd(sub):
   p = sub.add_parser("demo", help="every stage, end to end, on the embedded world")
   p.add_argument("--config", default="", help="experiment file (default: experiments/digits_demo.py)")
@@ -126,6 +137,7 @@ COMMANDS = {
     "sample": (_sample_cmd, "vidsim.sample.command:run_sample"),
     "goodput": (_goodput_cmd, "vidsim.train.goodput:run_goodput"),
     "bench": (_bench_cmd, "vidsim.bench:run_bench"),
+    "compile": (_compile_cmd, "vidsim.compile:run_compile"),
     "demo": (_demo_cmd, "vidsim.demo:run_demo"),
 }
 
@@ -188,6 +200,12 @@ def main(argv=None):
   except StoppedError as e:
     print(f"vidsim: stopped: {e}", file=sys.stderr)
     return 1
+  except Exception as e:
+    code = getattr(e, "exit_code", None)
+    if code is None:
+      raise
+    print(f"vidsim: error: {e}", file=sys.stderr)  # e.g. vidsim.compile.DoesNotFitError (3).
+    return code
   except KeyboardInterrupt:
     print("vidsim: interrupted", file=sys.stderr)
     return 130

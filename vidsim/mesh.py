@@ -198,7 +198,11 @@ def param_shardings(state, mesh: Mesh, config):
   in their names (e.g. "layers") or their spec would be one dimension short.
   """
   rules = logical_rules(config)
-  logical = nnx.get_partition_spec(state)
+  # Read the logical names with no rules in scope: under `activate(...)` (as the stages
+  # call this) nnx.get_partition_spec already maps them to mesh axes, and mapping
+  # those again through the rules would replicate every param.
+  with nn.logical_axis_rules(()):
+    logical = nnx.get_partition_spec(state)
 
   def to_sharding(leaf):
     spec = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf

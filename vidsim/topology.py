@@ -102,6 +102,15 @@ class Topology:
     return f"{self.generation.name}:{'x'.join(map(str, self.shape))}"
 
   @property
+  def chips_per_host_bounds(self) -> tuple:
+    """get_topology_desc's chips_per_host_bounds: always three numbers (libtpu 0.0.42
+    rejects two for v5e / v6e), the whole slice when it is one host (a v5e-8 host has
+    8 chips as 2x4; libtpu's default 2x2x1 would make it two hosts), else 2x2x1."""
+    if self.hosts == 1:
+      return tuple(self.shape) + (1,) * (3 - len(self.shape))
+    return (2, 2, 1)
+
+  @property
   def accelerator_type(self) -> str:
     """The name `gcloud compute tpus` takes (v5e is "v5litepod-N" there)."""
     prefix = "v5litepod" if self.generation.name == "v5e" else self.generation.name
@@ -121,8 +130,10 @@ class Topology:
         "total_hosts": self.total_hosts,
         "shape": list(self.shape),
         "topology_name": self.topology_name,
+        "chips_per_host_bounds": list(self.chips_per_host_bounds),
         "hbm_bytes_per_chip": g.hbm_bytes,
         "peak_bf16_flops_per_chip": g.peak_bf16_flops,
+        "hbm_bytes_per_s_per_chip": g.hbm_bytes_per_s,
         "gke_accelerator": g.gke_accelerator,
         "machine_type": g.machine_type,
         "runtime_version": g.runtime_version,

@@ -393,22 +393,20 @@ def _tile(length: int, block: int) -> int:
   return min(block, -(-length // LANES) * LANES)
 
 
-@functools.lru_cache(maxsize=64)
-def _splash_kernel(t, s, heads, block_sizes, interpret, mesh):
+def _splash_kernel(t, s, heads, block_sizes, interpret):
   """A splash kernel for [H, t, D] x [H, s, D] with segment ids and no static mask
-  (full masks: segment ids do all the masking). Cached per (abstract) mesh, whose
-  context its mask-info arrays carry: building that info walks every block pair in Python."""
+  (full masks: segment ids do all the masking). Built inside the trace, so its
+  mask-info arrays are constants of the compiled program: eager arrays would need the
+  ambient mesh's devices, which under `vidsim compile` are compile-only TPUs. The
+  costly part, walking every block pair in Python, is cached by jax (_process_mask)."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
   mask = masks.MultiHeadMask([masks.FullMask((t, s)) for _ in range(heads)])
-  # Concrete mask-info arrays even when first called inside a trace, so the cache
-  # never holds a tracer.
-  with jax.ensure_compile_time_eval():
-    return splash.make_splash_mha(
-        mask, block_sizes=splash.BlockSizes(**dict(block_sizes)), head_shards=1, q_seq_shards=1,
-        interpret=interpret,
-    )
+  return splash.make_splash_mha(
+      mask, block_sizes=splash.BlockSizes(**dict(block_sizes)), head_shards=1, q_seq_shards=1,
+      interpret=interpret,
+  )
 
 
 def splash_attention(q, k, v, q_ids, kv_ids, block_sizes, interpret):
@@ -423,9 +421,7 @@ def splash_attention(q, k, v, q_ids, kv_ids, block_sizes, interpret):
   tiles.update({name: _tile(s, size) for name, size in block_sizes.items() if name in KV_BLOCKS})
   t_pad = -t % math.lcm(*(tiles[n] for n in Q_BLOCKS))
   s_pad = -s % math.lcm(*(tiles[n] for n in KV_BLOCKS))
-  kernel = _splash_kernel(
-      t + t_pad, s + s_pad, h, tuple(sorted(tiles.items())), interpret, jax.sharding.get_abstract_mesh()
-  )
+  kernel = _splash_kernel(t + t_pad, s + s_pad, h, tuple(sorted(tiles.items())), interpret)
 
   def heads_major(x, pad):
     return jnp.pad(x, [(0, 0), (0, pad), (0, 0), (0, 0)]).transpose(0, 2, 1, 3)

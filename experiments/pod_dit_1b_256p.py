@@ -1,0 +1,55 @@
+"""A ~1B-parameter DiT at 256p for a v5p-64 (32 chips): bf16, splash attention, 5 s clips
+packed two to a 16k-token row.
+
+Latents: a 4x8x8 causal VAE with 16 channels (Wan / Open-Sora 2.0 class). A 5 s clip at
+24 fps (121 frames) at 256x256 is 31 x 32 x 32 latents; 1x2x2 patches make 31 x 256 =
+7,936 tokens, so a 16,384-token row holds two such clips, or more shorter clips and
+images (up to 8 segments). Captions are precomputed by an offline text encoder
+(4096-d, T5-XXL / umT5 class) and cached with the latents, 128 tokens a caption.
+
+Mesh: fsdp over all 32 chips (weights, EMA and Adam moments sharded 32 ways), one row
+per chip per micro-batch.
+
+Command:
+  vidsim compile --config experiments/pod_dit_1b_256p.py --topology v5p-64
+What it reports: see docs/scale.md ("Compile table"); measured figures are below.
+"""
+
+from vidsim.config import base_config
+
+
+def get_config():
+  c = base_config()
+  # The latent space (the DiT reads latent_channels and the compression factors).
+  c.vae.temporal_compression = 4
+  c.vae.spatial_compression = 8
+  c.vae.latent_channels = 16
+  c.vae.widths = (128, 256, 512, 512)
+  c.vae.blocks_per_level = 2
+  c.vae.dtype = "bfloat16"
+
+  c.dit.patch_size = (1, 2, 2)
+  c.dit.width = 2048
+  c.dit.depth = 16
+  c.dit.heads = 16  # head_dim 128: the MXU's width, and splash's.
+  c.dit.mlp = "swiglu"
+  c.dit.mlp_ratio = 4.0
+  c.dit.position_embedding = "sincos"
+  c.dit.dtype = "bfloat16"
+  c.dit.attention_impl = "splash"
+  c.dit.remat = "none"
+
+  c.text.encoder = "precomputed"
+  c.text.embed_dim = 4096
+  c.text.width = 2048
+  c.text.max_length = 128
+
+  c.train.row_tokens = 16384
+  c.train.max_segments_per_row = 8
+  c.train.rows_per_batch = 32
+  c.train.grad_accum = 1
+  c.train.learning_rate = 1e-4
+  c.train.sample_every = 0
+
+  c.mesh.ici.update(dict(data=1, fsdp=-1, sequence=1, tensor=1))
+  return c

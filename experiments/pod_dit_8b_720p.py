@@ -1,0 +1,56 @@
+"""An ~8B-parameter DiT at 720p over two v5p-256 slices (256 chips): bf16, splash
+attention, context parallelism over the sequence axis.
+
+Latents: the 4x8x8, 16-channel latent space of pod_dit_1b_256p. A 5 s clip at 16 fps
+(81 frames) at 720x1280 is 21 x 90 x 160 latents; 1x2x2 patches make 21 x 45 x 80 =
+75,600 tokens, one clip per 77,824-token row (152 splash tiles of 512; 2.9% padding).
+Captions: precomputed 4096-d text embeddings, 128 tokens.
+
+Mesh: the two slices split the rows (mesh.dcn.data=2, gradients all-reduced over DCN);
+inside a slice, fsdp=16 shards weights and optimizer state and sequence=8 splits each
+row's tokens over 8 chips (9,728 a chip). Self-attention across those 8 chips is
+dit.context_parallel: all_gather (every chip gathers the row's K/V), ring or ulysses.
+
+Command:
+  vidsim compile --config experiments/pod_dit_8b_720p.py --topology v5p-256 --slices 2
+What it reports: see docs/scale.md ("Compile table"); measured figures are below.
+"""
+
+from vidsim.config import base_config
+
+
+def get_config():
+  c = base_config()
+  c.vae.temporal_compression = 4
+  c.vae.spatial_compression = 8
+  c.vae.latent_channels = 16
+  c.vae.widths = (128, 256, 512, 512)
+  c.vae.blocks_per_level = 2
+  c.vae.dtype = "bfloat16"
+
+  c.dit.patch_size = (1, 2, 2)
+  c.dit.width = 4096
+  c.dit.depth = 30
+  c.dit.heads = 32  # head_dim 128.
+  c.dit.mlp = "swiglu"
+  c.dit.mlp_ratio = 4.0
+  c.dit.position_embedding = "sincos"
+  c.dit.dtype = "bfloat16"
+  c.dit.attention_impl = "splash"
+  c.dit.context_parallel = "all_gather"
+  c.dit.remat = "full"
+
+  c.text.encoder = "precomputed"
+  c.text.embed_dim = 4096
+  c.text.width = 4096
+  c.text.max_length = 128
+
+  c.train.row_tokens = 77824
+  c.train.max_segments_per_row = 2
+  c.train.rows_per_batch = 32
+  c.train.learning_rate = 1e-4
+  c.train.sample_every = 0
+
+  c.mesh.ici.update(dict(data=1, fsdp=16, sequence=8, tensor=1))
+  c.mesh.dcn.update(dict(data=2, fsdp=1, sequence=1, tensor=1))
+  return c

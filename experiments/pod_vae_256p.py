@@ -1,0 +1,31 @@
+"""The causal video VAE (4x8x8, 16 latent channels) trained at 256p on a v5p-32 (16
+chips): 33-frame 256x256 clips, one per chip, bf16.
+
+This is the latent space of pod_dit_1b_256p and pod_dit_8b_720p: 33 frames become
+9 x 32 x 32 x 16 latents.
+
+Command:
+  vidsim compile --config experiments/pod_vae_256p.py --topology v5p-32 --stage vae
+What it reports: see docs/scale.md ("Compile table"); measured figures are below.
+"""
+
+from vidsim.config import base_config
+
+
+def get_config():
+  c = base_config()
+  c.vae.temporal_compression = 4
+  c.vae.spatial_compression = 8
+  c.vae.latent_channels = 16
+  c.vae.widths = (128, 256, 512, 512)
+  c.vae.blocks_per_level = 2
+  c.vae.spatial_only_levels = 2
+  c.vae.attention = False
+  c.vae.dtype = "bfloat16"
+
+  c.data.buckets = ((33, 256, 256),)
+  c.data.batch_size = 16
+  c.vae_train.learning_rate = 1e-4
+
+  c.mesh.ici.update(dict(data=-1, fsdp=1, sequence=1, tensor=1))
+  return c
