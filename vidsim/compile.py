@@ -27,6 +27,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import os
 import platform
 import re
 import tempfile
@@ -41,6 +42,11 @@ from vidsim import mesh as mesh_lib
 from vidsim import topology as topology_lib
 from vidsim.errors import UsageError
 from vidsim.log import get_logger
+from vidsim.models import dit as dit_lib
+from vidsim.models import flops as flops_lib
+from vidsim.models import vae as vae_lib
+from vidsim.train.checkpoint import abstract_like
+from vidsim.train.stage import assemble
 
 log = get_logger("compile")
 
@@ -67,8 +73,6 @@ def compile_only_devices(topology):
   """The topology's chips as compile-only TPU devices (slice_index set across slices)."""
   if importlib.util.find_spec("libtpu") is None:
     raise UsageError('vidsim compile needs libtpu for TPU compiles: pip install -e ".[tpu]"')
-  import os
-
   from jax.experimental import topologies
 
   # Off a TPU VM, libtpu's initialisation asks the GCE metadata server what this host
@@ -110,22 +114,11 @@ class StageProgram:
 
 
 def stage_program(config, mesh, stage: str) -> StageProgram:
-  """The one place that knows how the trainers assemble a stage: the same builders the
-  training loop calls (model, optimizer, state shardings, step), here with abstract
-  arrays. Call under mesh_lib.activate(mesh, config)."""
-  from vidsim.train import dit_loop, loop, optim, vae_loop
-
-  if stage == "dit":
-    abstract_model, init, section, module = dit_loop.abstract_dit, dit_loop.init_dit_state, config.train, dit_loop
-  else:
-    abstract_model, init, section, module = vae_loop.abstract_vae, vae_loop.init_vae_state, config.vae_train, vae_loop
-  graphdef, abstract_params, param_shardings = abstract_model(config, mesh)
-  optimizer = optim.make_optimizer(section)
-  init_state = lambda: init(config, optimizer)
-  shapes = jax.eval_shape(init_state)
-  shardings = loop.state_shardings(shapes, abstract_params, param_shardings, mesh)
-  state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
-  step = module.make_train_step(config, graphdef, optimizer)
+  """The trainers' own stage assembly (vidsim/train/stage.py: model, optimizer, state
+  shardings, step), here with abstract arrays. Call under mesh_lib.activate(mesh, config)."""
+  assembled = assemble(config, mesh, stage)
+  state = abstract_like(jax.eval_shape(assembled.init_state), assembled.state_shardings)
+  step = assembled.train_step
   batch_shapes, costs = (_dit_batch if stage == "dit" else _vae_batch)(config)
   batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=mesh_lib.batch_sharding(mesh, config, len(shape)))
            for k, (shape, dtype) in batch_shapes.items()}
@@ -134,9 +127,6 @@ def stage_program(config, mesh, stage: str) -> StageProgram:
 
 def _dit_batch(config):
   """Shapes of one global packed batch (vidsim/data/packing.py's layout) and its cost."""
-  from vidsim.models import dit as dit_lib
-  from vidsim.models import flops as flops_lib
-
   tc, text = config.train, config.text
   rows, length, k, s = tc.rows_per_batch, tc.row_tokens, tc.max_segments_per_row, text.max_length
   shapes = {
@@ -165,8 +155,6 @@ def _dit_batch(config):
 
 def _vae_batch(config):
   """The VAE bench's batch: data.batch_size clips of the largest bucket."""
-  from vidsim.models import vae as vae_lib
-
   frames, height, width = max(config.data.buckets, key=lambda b: b[0] * b[1] * b[2])
   clips = config.data.batch_size
   flops = vae_lib.vae_flops(config, frames, height, width, train=True) * clips
