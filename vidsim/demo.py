@@ -11,6 +11,7 @@ from etils import epath
 
 from vidsim import config as config_lib
 from vidsim import mesh as mesh_lib
+from vidsim import runtime
 from vidsim.log import get_logger
 
 log = get_logger("demo")
@@ -24,6 +25,7 @@ def run_demo(args, config):
     if not path.exists():
       path = epath.Path(__file__).parent.parent / DEFAULT_CONFIG
     config = config_lib.load_config(str(path))
+    runtime.start(args, config)  # The CLI started the cache only for an explicit --config.
   mesh_lib.init_distributed(config)
   workdir = epath.Path(args.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
