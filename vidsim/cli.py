@@ -11,7 +11,7 @@ import importlib
 import sys
 
 from vidsim import config as config_lib
-from vidsim import malloc
+from vidsim import malloc, runtime
 from vidsim.tasks import TASKS  # numpy only: keeps `vidsim --help` fast.
 from vidsim.errors import StoppedError, UsageError
 from vidsim.log import get_logger
@@ -186,11 +186,13 @@ def entry():
 
 def main(argv=None):
   argv = sys.argv[1:] if argv is None else argv
+  config = None
   try:
     args, overrides = parse(argv)
     config = load_args_config(args, overrides)
     if overrides and config is None:
       raise UsageError("--config.KEY=VALUE overrides need --config FILE")
+    runtime.start(args, config)
     module_name, function_name = COMMANDS[args.command][1].split(":")
     run = getattr(importlib.import_module(module_name), function_name)
     run(args, config)
@@ -209,6 +211,9 @@ def main(argv=None):
   except KeyboardInterrupt:
     print("vidsim: interrupted", file=sys.stderr)
     return 130
+  except Exception as e:
+    runtime.exit_if_peer_lost(e, config)  # Several processes: names the lost ones and exits.
+    raise
   return 0
 
 

@@ -29,6 +29,10 @@ def base_config() -> ConfigDict:
   c.seed = 0  # Seed for parameters, data order and noise; runs with one seed repeat exactly.
   c.init_from = ""  # Checkpoint dir to load model weights from (weights only; resume wins).
   c.peak_flops_per_device = 0.0  # FLOP/s per device for MFU; 0 = known TPU peak, or measured matmul rate on CPU.
+  # jax's persistent compilation cache (local path or gs://): a restart reads its compiled
+  # steps instead of compiling again. "{workdir}" is the command's --workdir; '' = off.
+  c.compile_cache_dir = "{workdir}/compile_cache"
+  c.compile_cache_min_compile_s = 1.0  # Only computations that took longer than this to compile are cached.
 
   # ---------------------------------------------------------------- mesh
   c.mesh = ConfigDict()
@@ -59,6 +63,10 @@ def base_config() -> ConfigDict:
   c.distributed.process_id = -1  # -1 = env VIDSIM_PROCESS_ID or auto.
   c.distributed.cpu_collectives = "gloo"  # CPU collectives across processes: gloo | mpi.
   c.distributed.initialization_timeout_s = 300  # Give up on a missing peer after this.
+  # A process that sends no heartbeat for this long is declared dead; every other process
+  # then exits non-zero naming it (bounds how long a dead host can hold the job).
+  c.distributed.heartbeat_timeout_s = 100
+  c.distributed.shutdown_timeout_s = 300  # At exit, how long a process waits for the others to finish.
 
   # ---------------------------------------------------------------- data (pixels)
   c.data = ConfigDict()

@@ -15,6 +15,7 @@ from vidsim import config as config_lib
 from vidsim import data as data_lib
 from vidsim import digit_score, latents, report
 from vidsim import mesh as mesh_lib
+from vidsim import runtime
 from vidsim.atomic import write_atomically
 from vidsim.data import commands as data_commands
 from vidsim.data import moving_digits, video_io
@@ -34,6 +35,7 @@ def run_demo(args, config):
     if not path.exists():
       path = epath.Path(__file__).parent.parent / DEFAULT_CONFIG
     config = config_lib.load_config(str(path))
+    runtime.start(args, config)  # The CLI started the cache only for an explicit --config.
   mesh = mesh_lib.job_mesh(config)
   workdir = epath.Path(args.workdir)
   workdir.mkdir(parents=True, exist_ok=True)

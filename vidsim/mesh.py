@@ -55,7 +55,9 @@ def init_distributed(config) -> None:
   if jax.config.jax_platforms in (None, "", "cpu") and not on_tpu:
     # CPU processes need a collectives backend to talk to each other.
     jax.config.update("jax_cpu_collectives_implementation", dist.cpu_collectives)
-  kwargs = dict(initialization_timeout=dist.initialization_timeout_s)
+  kwargs = dict(initialization_timeout=dist.initialization_timeout_s,
+                heartbeat_timeout_seconds=dist.heartbeat_timeout_s,
+                shutdown_timeout_seconds=dist.shutdown_timeout_s)
   if address:
     kwargs.update(coordinator_address=address, num_processes=num, process_id=pid)
   jax.distributed.initialize(**kwargs)
