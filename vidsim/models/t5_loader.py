@@ -180,12 +180,14 @@ def _checkpoint_tensors(files) -> dict:
 
 
 def check_tensors(c: t5_lib.T5Config, available: dict, directory="") -> dict:
-  """HF name -> file for every tensor the encoder needs, or a UsageError with the lists of
-  missing, unexpected and wrongly shaped tensors. available: name -> (file, shape)."""
+  """HF name -> (file, name in that file) for every tensor the encoder needs, or a UsageError
+  with the lists of missing, unexpected and wrongly shaped tensors. available: name -> (file, shape)."""
   expected = tensor_map(c)
+  stored = {n: n for n in available}
   available = dict(available)
   if "shared.weight" not in available and "encoder.embed_tokens.weight" in available:
     available["shared.weight"] = available.pop("encoder.embed_tokens.weight")
+    stored["shared.weight"] = "encoder.embed_tokens.weight"
   skipped = [n for n in available if n.startswith(SKIPPED_PREFIXES) or n == "encoder.embed_tokens.weight"]
   missing = sorted(n for n in expected if n not in available)
   unexpected = sorted(n for n in available if n not in expected and n not in skipped)
@@ -202,22 +204,22 @@ def check_tensors(c: t5_lib.T5Config, available: dict, directory="") -> dict:
     )
   if skipped:
     log.info("%s: skipping %d tensors the encoder does not use (decoder, lm_head)", directory, len(skipped))
-  return {n: available[n][0] for n in expected}
+  return {n: (available[n][0], stored[n]) for n in expected}
 
 
 def read_params(c: t5_lib.T5Config, files, directory="") -> dict:
   """The encoder's params as a nested dict of host numpy arrays (layer tensors stacked), float32."""
   where = check_tensors(c, _checkpoint_tensors(files), directory)
   by_file = {}
-  for name, path in where.items():
-    by_file.setdefault(path, []).append(name)
+  for name, (path, stored) in where.items():
+    by_file.setdefault(path, []).append((name, stored))
   entries = tensor_map(c)
   flat, stacks = {}, {}
   for path, names in by_file.items():
     with safe_open(str(path), framework="numpy") as f:
-      for name in names:
+      for name, stored in names:
         param, layer, _, to_param = entries[name]
-        value = to_param(np.asarray(f.get_tensor(name)).astype(np.float32))
+        value = to_param(np.asarray(f.get_tensor(stored)).astype(np.float32))
         if layer is None:
           flat[param] = value
         else:
@@ -241,17 +243,21 @@ def fingerprint(directory) -> str:
   digest = hashlib.sha256()
   digest.update((directory / "config.json").read_bytes())
   digest.update(tokenizer_file(directory).read_bytes())
-  for path in weight_files(directory):
+  tensors = _checkpoint_tensors(weight_files(directory))
+  labels = {}  # Label -> stored name; the embedding table has two names (tied), one label.
+  for name in tensors:
+    if name == "encoder.embed_tokens.weight":
+      labels.setdefault("shared.weight", name)
+    elif not name.startswith(SKIPPED_PREFIXES):
+      labels[name] = name
+  for label, name in sorted(labels.items()):
+    path, shape = tensors[name]
     with safe_open(str(path), framework="numpy") as f:
-      for name in sorted(f.keys()):
-        if name.startswith(SKIPPED_PREFIXES):
-          continue
-        piece = f.get_slice(name)
-        shape = piece.get_shape()
-        digest.update(f"{name}:{piece.get_dtype()}:{shape}".encode())
-        if shape:
-          digest.update(np.ascontiguousarray(piece[:1]).tobytes())
-          digest.update(np.ascontiguousarray(piece[-1:]).tobytes())
+      piece = f.get_slice(name)
+      digest.update(f"{label}:{piece.get_dtype()}:{list(shape)}".encode())
+      if shape and shape[0]:
+        digest.update(np.ascontiguousarray(piece[:1]).tobytes())
+        digest.update(np.ascontiguousarray(piece[shape[0] - 1 :]).tobytes())
   return digest.hexdigest()[:16]
 
 
