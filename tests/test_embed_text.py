@@ -69,15 +69,15 @@ def test_every_caption_is_embedded_beside_its_latent(embedded):
     np.testing.assert_allclose(text["text_embeddings"], want, atol=1e-5)
 
 
-def test_embed_text_resumes_and_refuses_another_encoder(embedded, capsys):
+def test_embed_text_resumes_and_refuses_another_encoder(embedded, capsys, caplog):
   root = text_cache.text_dir(embedded)
   shard = sorted(root.glob("train-*.array_record"))[1]
   before = shard.read_bytes()
   shard.unlink()
   (root / "manifest.json").unlink()
-  capsys.readouterr()
-  assert _run("embed-text", embedded) == 0
-  assert "1 shards to embed, 3 already done" in capsys.readouterr().err
+  with caplog.at_level("INFO", logger="vidsim.embed-text"):
+    assert _run("embed-text", embedded) == 0
+  assert "1 shards to embed, 3 already done" in caplog.text
   assert shard.read_bytes() == before
   assert _run("embed-text", embedded, f"--config.text.t5_path={T5 / 't5'}") == 2
   err = capsys.readouterr().err
