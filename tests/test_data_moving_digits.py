@@ -126,3 +126,37 @@ def test_bad_sizes_are_usage_errors():
     _scene(0, colors=("purple",))
   with pytest.raises(UsageError, match="paths='straight'; valid: bounce, inside"):
     _scene(0, paths="straight")
+
+
+def test_caption_styles_change_only_the_caption():
+  from vidsim import config as config_lib
+  from vidsim.data import moving_digits_tfds
+
+  seen = {}
+  for style in moving_digits.CAPTION_STYLES:
+    for seed in range(8):
+      video, caption, meta = _scene(seed, frames=13, width=48, occluder_width=14 * (seed % 2), captions=style)
+      base, default_caption, base_meta = _scene(seed, frames=13, width=48, occluder_width=14 * (seed % 2))
+      np.testing.assert_array_equal(video, base)
+      assert meta == base_meta
+      seen.setdefault(style, []).append((caption, meta))
+  assert [c for c, _ in seen["default"]] == [_scene(s, frames=13, width=48, occluder_width=14 * (s % 2))[1]
+                                             for s in range(8)]
+  for caption, meta in seen["descriptive"]:
+    for digit in meta["digits"]:
+      assert f"{digit['color']} handwritten {digit['label']}" in caption or (
+          f"digit {digit['label']}, drawn in {digit['color']}" in caption)
+      assert any(w in caption for w in ("slowly", "steady", "quickly"))
+      assert any(w in caption for w in ("starts", "starting", "begins"))
+    assert ("grey bar" in caption) == any(d["occluded_intervals"] for d in meta["digits"])
+  assert len({c for c, _ in seen["short"]} - {c for c, _ in seen["default"]}) > 0  # Paraphrased.
+  mixed = [c for c, _ in seen["mixed"]]
+  assert any("black" in c for c in mixed) and not all("black" in c for c in mixed)
+  # The default style is not a dataset parameter: datasets built before the key keep their names.
+  config = config_lib.base_config()
+  assert "captions" not in moving_digits_tfds.world_params(config)
+  with config.unlocked():
+    config.moving_digits.captions = "mixed"
+  assert moving_digits_tfds.world_params(config)["captions"] == "mixed"
+  with pytest.raises(UsageError, match="captions='long'; valid: default, short, descriptive, mixed"):
+    _scene(0, captions="long")

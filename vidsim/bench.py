@@ -7,6 +7,7 @@ explicitly (vidsim/models/flops.py, vae_flops). Results go to docs/benchmarks.md
   vae         VAE train step time and MFU, encode clips/s
   dit         DiT train step time, tokens/s and MFU on packed rows
   checkpoint  how long an async save blocks the loop, restore, restore onto another mesh
+  text        captions per second of the byte encoder and of the text.t5_path T5/UMT5 (tokenizer included)
 """
 
 import json
@@ -26,6 +27,8 @@ from vidsim.data.bench import bench_data
 from vidsim.errors import UsageError
 from vidsim.log import get_logger
 from vidsim.models import flops as flops_lib
+from vidsim.models import t5 as t5_lib
+from vidsim.models import t5_loader
 from vidsim.models import text as text_lib
 from vidsim.models import vae as vae_lib
 from vidsim.train import checkpoint as ckpt_lib
@@ -37,7 +40,8 @@ log = get_logger("bench")
 
 
 def run_bench(args, config):
-  benchmarks = {"data": _bench_data, "vae": bench_vae, "dit": bench_dit, "checkpoint": bench_checkpoint}
+  benchmarks = {"data": _bench_data, "vae": bench_vae, "dit": bench_dit, "checkpoint": bench_checkpoint,
+                "text": bench_text}
   if args.what not in benchmarks:
     raise UsageError(f"unknown benchmark {args.what!r}; choose from {sorted(benchmarks)}")
   result = {"benchmark": args.what, "config": args.config, **_machine()}
@@ -282,3 +286,57 @@ def _layout_config(config, data=1, fsdp=1, tensor=1):
 def _StaticIterator():
   """A tiny real grain iterator: the benchmark times the train-state item, not data."""
   return iter(grain.MapDataset.range(8).to_iter_dataset())
+
+
+# ------------------------------------------------------------------ text encoders
+
+
+def _bench_captions(n):
+  """n captions of the embedded world's grammar, of varied length."""
+  colors, moves = ("red", "blue", "green", "orange"), ("moves right", "slowly falls", "rises", "moves up and to the left")
+  return [f"a {colors[i % 4]} {i % 10} {moves[i % 4]}" + (f" while a white {(i + 3) % 10} moves left" if i % 2 else "")
+          for i in range(n)]
+
+
+def _median_seconds(fn, warmup, steps):
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def bench_text(config):
+  """Captions per second: the byte encoder (forward only, as inside the DiT: it trains with
+  it), and the frozen T5/UMT5 of text.t5_path as `vidsim embed-text` and sampling run it
+  (tokenizer, sharded forward, copy to the host). Batch: text.embed_batch_size captions."""
+  n, b = config.text.embed_batch_size, config.bench
+  captions = _bench_captions(n)
+  mesh = mesh_lib.make_mesh(config)
+  byte_config = config.copy_and_resolve_references()
+  with byte_config.unlocked():
+    byte_config.text.encoder = "bytes"
+  with mesh_lib.activate(mesh, byte_config):
+    encoder = text_lib.make_text_encoder(byte_config.text, dtype=config.dit.dtype, attention_impl=config.dit.attention_impl,
+                                         rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(encoder)
+    ids, mask = text_lib.tokenize_bytes(captions, config.text.max_length)
+    forward = jax.jit(lambda p, i, m: nnx.merge(graphdef, p)({"text_tokens": i, "text_mask": m})[0])
+    batch = {"text_tokens": ids[:, None], "text_mask": mask[:, None]}
+    seconds = _median_seconds(lambda: forward(params, batch["text_tokens"], batch["text_mask"]), b.warmup, b.steps)
+  result = {"captions_per_call": n, "max_length": config.text.max_length,
+            "bytes": {"width": config.text.width, "depth": config.text.depth, "seconds": seconds, "captions_per_s": n / seconds}}
+  if config.text.t5_path:
+    t5 = t5_loader.load_text_encoder(config, mesh)
+    start = time.perf_counter()
+    t5.tokenizer(captions, config.text.max_length)
+    tokenize = time.perf_counter() - start
+    seconds = _median_seconds(lambda: t5.embed(captions)[0], b.warmup, b.steps)
+    flops = t5_lib.encoder_flops(t5.t5_config, n, config.text.max_length)
+    result["t5"] = {
+        **t5.describe(), "params": t5.param_count, "tokenize_captions_per_s": n / max(tokenize, 1e-9),
+        "seconds": seconds, "captions_per_s": n / seconds, "flops_per_call": flops, "flops_per_s": flops / seconds}
+  return result

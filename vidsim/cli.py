@@ -64,6 +64,13 @@ def _encode_cmd(sub):
   return p
 
 
+def _embed_text_cmd(sub):
+  p = sub.add_parser("embed-text", help="cache caption embeddings of a local T5/UMT5 (text.t5_path) beside the latents")
+  _add_config_arg(p)
+  _add_workdir_arg(p)
+  return p
+
+
 def _train_cmd(sub):
   p = sub.add_parser("train", help="stage 2: train the DiT on the latent cache")
   _add_config_arg(p)
@@ -133,6 +140,7 @@ COMMANDS = {
     "train-vae": (_train_vae_cmd, "vidsim.train.vae_loop:run_train_vae"),
     "eval-vae": (_eval_vae_cmd, "vidsim.eval.vae:run_eval_vae"),
     "encode": (_encode_cmd, "vidsim.latents:run_encode"),
+    "embed-text": (_embed_text_cmd, "vidsim.embed_text:run_embed_text"),
     "train": (_train_cmd, "vidsim.train.dit_loop:run_train"),
     "sample": (_sample_cmd, "vidsim.sample.command:run_sample"),
     "goodput": (_goodput_cmd, "vidsim.train.goodput:run_goodput"),

@@ -104,6 +104,10 @@ def base_config() -> ConfigDict:
   c.moving_digits.colors = ("red", "green", "blue", "yellow", "cyan", "magenta", "white", "orange")  # Digit colours.
   c.moving_digits.occlusion_shape = (13, 32, 48)  # (frames, height, width) of occlusion scenes (room to pass behind).
   c.moving_digits.occluder_width = 14  # Width of the grey bar; >= digit_size so digits can hide fully.
+  # Captions: default (one fixed grammar, "a red 3 moves right while a blue 7 falls") | short (paraphrases
+  # of it) | descriptive (colour, digit, start position, direction, speed, the grey bar, the other digits;
+  # paraphrased) | mixed (short or descriptive, drawn per example). moving_digits.caption_text.
+  c.moving_digits.captions = "default"
 
   # ---------------------------------------------------------------- video_folder
   c.video_folder = ConfigDict()
@@ -188,12 +192,17 @@ def base_config() -> ConfigDict:
 
   # ---------------------------------------------------------------- text conditioning
   c.text = ConfigDict()
-  c.text.encoder = "bytes"  # bytes (trainable byte-level transformer) | precomputed (from the cache).
+  c.text.encoder = "bytes"  # bytes (trainable byte-level transformer) | precomputed (embeddings cached by embed-text).
   c.text.max_length = 64  # Text tokens (bytes) per caption.
   c.text.width = 128  # Byte encoder width.
   c.text.depth = 2  # Byte encoder layers.
   c.text.heads = 4  # Byte encoder heads.
-  c.text.embed_dim = 0  # Precomputed embedding size (0 = read it from the cache).
+  c.text.embed_dim = 0  # Precomputed embedding size (0 = the t5_path encoder's d_model, else read from the cache).
+  # Local Hugging Face T5 / UMT5 directory (config.json, *.safetensors, tokenizer.json or spiece.model):
+  # `vidsim embed-text` caches its caption embeddings; sampling with encoder=precomputed embeds prompts with it.
+  c.text.t5_path = ""
+  c.text.t5_dtype = "float32"  # Params and matmuls of that frozen encoder: float32 | bfloat16.
+  c.text.embed_batch_size = 32  # Captions per embed-text batch, per process.
   c.text.dropout = 0.1  # Caption dropout probability (learned null embedding, for CFG).
 
   # ---------------------------------------------------------------- rectified flow

@@ -35,6 +35,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vidsim import mesh as mesh_lib
+from vidsim import text_cache
 from vidsim.atomic import write_atomically
 from vidsim.data import packing, pipeline
 from vidsim.errors import UsageError
@@ -292,7 +293,10 @@ def packed_latents(config, workdir, split, manifest, *, seed, process_index=None
   plans = packing.PackPlanIterDataset(
       tokens, rows=config.train.rows_per_batch, row_tokens=row_tokens, slots=config.train.max_segments_per_row,
       seed=seed, shuffle=config.data.shuffle, repeat=True, process_index=process_index, process_count=process_count)
-  batches = plans.map(packing.PackRows(_LatentReader(workdir, split, manifest, seed), config))
+  text = None
+  if config.text.encoder == "precomputed":  # Caption embeddings from `vidsim embed-text`, joined by record index.
+    text = text_cache.TextSource(workdir, split, text_cache.load_manifest(workdir, config), manifest)
+  batches = plans.map(packing.PackRows(_LatentReader(workdir, split, manifest, seed, text), config))
   if config.data.prefetch > 0:  # A thread plans and reads the next batches during the step.
     batches = grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=config.data.prefetch)
   return batches
@@ -301,21 +305,26 @@ def packed_latents(config, workdir, split, manifest, *, seed, process_index=None
 class _LatentReader:
   """(stream positions, record indices) -> latent examples, read by random access."""
 
-  def __init__(self, workdir, split, manifest, seed):
+  def __init__(self, workdir, split, manifest, seed, text=None):
     self._source = cache_source(workdir, split, manifest)
+    self._text = text  # text_cache.TextSource, or None: the text comes with the latents.
     self._shift = np.asarray(manifest["latent_shift"], np.float32)
     self._scale = np.asarray(manifest["latent_scale"], np.float32)
     self._seed = int(seed)
 
   def __call__(self, positions, records):
     raws = self._source.__getitems__(records)
-    return [self._example(read_record(raw), position) for raw, position in zip(raws, positions)]
+    examples = [self._example(read_record(raw), position) for raw, position in zip(raws, positions)]
+    if self._text is not None:
+      for example, text in zip(examples, self._text(records)):
+        example["text_embeddings"], example["text_mask"] = text["text_embeddings"], text["text_mask"]
+    return examples
 
   def _example(self, record, position):
     eps = np.random.default_rng([self._seed, int(position)]).standard_normal(record["mean"].shape, np.float32)
     latent = (record["mean"] + record["std"] * eps - self._shift) / self._scale
     example = {"latent": latent.astype(np.float32), "example_id": np.int64(record["example_id"])}
-    if "text_tokens" in record:
+    if "text_tokens" in record and self._text is None:
       example["text_tokens"] = np.asarray(record["text_tokens"], np.int32)
       example["text_mask"] = np.asarray(record["text_mask"], bool)
     return example

@@ -155,6 +155,7 @@ def render_scene(
     colors=tuple(COLORS),
     occluder_width: int = 0,
     paths: str = "bounce",
+    captions: str = "default",
 ):
   """One scene: (video uint8 [frames, height, width, 3], caption str, metadata dict).
 
@@ -164,12 +165,17 @@ def render_scene(
   the whole clip (from the edge behind it when the path is longer than the frame), so
   the caption's direction holds for the whole clip. Both draw the same random numbers.
 
+  captions: the caption style (CAPTION_STYLES, `caption_text`). The styles other than
+  "default" draw their choices after everything else, so the video is the same in every style.
+
   occluder_width > 0 adds a vertical grey bar in the middle that digits pass behind
   (drawn over them); each digit's path is aimed so it is fully hidden at some frame
   when the bar is at least as wide as the sprite.
   """
   if paths not in PATHS:
     raise UsageError(f"moving_digits.paths={paths!r}; valid: {', '.join(PATHS)}")
+  if captions not in CAPTION_STYLES:
+    raise UsageError(f"moving_digits.captions={captions!r}; valid: {', '.join(CAPTION_STYLES)}")
   if min(height, width) < digit_size:
     raise UsageError(f"moving_digits: frame {height}x{width} is smaller than digit_size={digit_size}")
   unknown = [c for c in colors if c not in COLORS]
@@ -224,6 +230,8 @@ def render_scene(
   for digit in digits:
     digit.update(_visibility(digit, digit_size, height, width, occluder))
   caption = _caption(digits, frames, height, width, digit_size, speed_slow=lo + 0.25 * (hi - lo))
+  if captions != "default":
+    caption = caption_text(rng, captions, digits, frames, height, width, digit_size, (lo, hi), occluder is not None)
   metadata = dict(frames=frames, height=height, width=width, digit_size=digit_size, occluder=occluder, digits=digits)
   return np.clip(np.rint(video), 0, 255).astype(np.uint8), caption, metadata
 
@@ -263,3 +271,71 @@ def _caption(digits, frames, height, width, size, speed_slow):
       phrase += " and passes behind the grey bar"
     phrases.append(phrase)
   return _join(phrases, "and" if frames == 1 else "while")
+
+
+# ------------------------------------------------------------------ captions that teach
+
+CAPTION_STYLES = ("default", "short", "descriptive", "mixed")
+# Paraphrases of one digit's short phrase: {a} article, {color}, {digit}, {motion} ("moves right").
+_SHORT = (
+    "{a} {color} {digit} {motion}",
+    "{a} {color} digit {digit} {motion}",
+    "the {color} number {digit} {motion}",
+    "{a} {digit} in {color} {motion}",
+)
+_SHORT_STILL = ("{a} {color} {digit} {place}", "{a} {color} digit {digit} {place}", "the {color} number {digit} {place}")
+_JOIN = (" while ", " and ", "; ")
+# Descriptive: where it starts, where it goes and how fast, and what it passes.
+_DESCRIPTIVE = (
+    "{a} {color} handwritten {digit} starts {start} and {motion} {speed}",
+    "starting {start}, {a} {color} handwritten {digit} {motion} {speed}",
+    "the digit {digit}, drawn in {color}, begins {start} and {motion} {speed}",
+)
+_OPENINGS = ("{count} on a black background: ", "a black scene with {count}: ")
+_COUNTS = ("one handwritten digit", "two handwritten digits", "three handwritten digits", "four handwritten digits")
+_BAR = ("a grey bar stands in the middle of the frame. ", "a vertical grey bar covers the middle. ")
+_STILL = ("a still image of {a} {color} handwritten {digit} {place} on a black background",
+          "{a} {color} {digit} sits {place} on a black background")
+
+
+def _speed_words(speed, speed_range):
+  low, high = speed_range
+  third = (high - low) / 3
+  if speed < low + third:
+    return "slowly"
+  return "at a steady pace" if speed < low + 2 * third else "quickly"
+
+
+def caption_text(rng, style, digits, frames, height, width, size, speed_range, occluder):
+  """A caption of `style` (CAPTION_STYLES, not "default") for the scene's digits, its wording
+  drawn from rng. short: the default's facts in paraphrase ("the red number 3 moves right");
+  descriptive: colour, digit, start position, direction, speed, the grey bar and every other
+  digit ("two handwritten digits on a black background: a red handwritten 3 starts at the top
+  left and moves right quickly, passing behind the grey bar; ...")."""
+  if style == "mixed":
+    style = ("short", "descriptive")[int(rng.integers(2))]
+  pick = lambda options: options[int(rng.integers(len(options)))]
+  phrases = []
+  for digit in digits:
+    words = dict(a="an" if digit["color"][0] in "aeiou" else "a", color=digit["color"], digit=digit["label"])
+    y, x = digit["positions"][0]
+    place = _place(y, x, height, width, size)
+    if frames == 1:
+      phrases.append(pick(_SHORT_STILL if style == "short" else _STILL).format(place=place, **words))
+      continue
+    vy, vx = digit["velocity"]
+    if style == "short":
+      slow = speed_range[0] + 0.25 * (speed_range[1] - speed_range[0])  # As the default captions.
+      phrases.append(pick(_SHORT).format(motion=direction_words(vy, vx, slow), **words))
+      continue
+    phrase = pick(_DESCRIPTIVE).format(start=place, motion=direction_words(vy, vx, 0.0),
+                                       speed=_speed_words(float(np.hypot(vy, vx)), speed_range), **words)
+    if digit["occluded_intervals"]:
+      phrase += pick((", passing behind the grey bar", ", hiding behind the grey bar for a moment",
+                      " and disappears behind the grey bar before coming out on the other side"))
+    phrases.append(phrase)
+  if style == "short":
+    return pick(_JOIN).join(phrases)
+  count = _COUNTS[len(digits) - 1] if len(digits) <= len(_COUNTS) else f"{len(digits)} handwritten digits"
+  opening = pick(_OPENINGS).format(count=count) if frames > 1 or len(digits) > 1 else ""
+  return (pick(_BAR) if occluder else "") + opening + "; ".join(phrases)

@@ -31,7 +31,9 @@ class MovingDigitsConfig(tfds.core.BuilderConfig):
 def world_params(config) -> dict:
   """The keys of config.moving_digits that determine the data, as plain JSON values."""
   md = config.moving_digits
-  return dict(
+  # Only a non-default caption style is a parameter: datasets built before the key existed keep their names.
+  captions = {} if md.captions == "default" else {"captions": str(md.captions)}
+  return captions | dict(
       seed=int(md.seed), train_examples=int(md.train_examples), eval_examples=int(md.eval_examples),
       frames=int(md.frames), height=int(md.height), width=int(md.width), fps=float(md.fps),
       mixed_shapes=[list(map(int, s)) for s in md.mixed_shapes], digit_size=int(md.digit_size),
@@ -68,7 +70,7 @@ def render_example(preset: str, params: dict, split: str, index: int):
   return moving_digits.render_scene(
       rng, split=split, frames=frames, height=height, width=width, digit_size=params["digit_size"],
       max_digits=params["max_digits"], speed=params["speed"], colors=tuple(params["colors"]),
-      occluder_width=occluder_width, paths=params["paths"],
+      occluder_width=occluder_width, paths=params["paths"], captions=params.get("captions", "default"),
   )
 
 

@@ -22,6 +22,7 @@ import jax
 from flax import nnx
 
 from vidsim.models import layers
+from vidsim.models import t5
 from vidsim.models.dit import MODULATIONS, DiT, patch_features
 from vidsim.models.text import TEXT_MLP_RATIO
 
@@ -57,7 +58,8 @@ def dit_flops_breakdown(config, rows, row_tokens, text_tokens_per_row, segments_
     terms["text/proj"] = t.depth * matmul(4 * c * c + 2 * c * text_hidden, text)
     terms["text/attn"] = t.depth * rows * segments_per_row * 2 * 2 * caption * caption * c
   else:
-    terms["text/proj"] = matmul(t.embed_dim * c, text)
+    embed_dim = t.embed_dim or (t5.read_config(t.t5_path).d_model if t.t5_path else 0)
+    terms["text/proj"] = matmul(embed_dim * c, text)
   return terms
 
 

@@ -6,7 +6,8 @@ where `text` is the packed batch's text dict:
 - config.text.encoder == "bytes": `text_tokens` int [R, K, S] (byte + 1, 0 = pad),
   encoded by a small trainable byte-level transformer (ByteTextEncoder).
 - config.text.encoder == "precomputed": `text_embeddings` float [R, K, S, E] from
-  the latent cache (any offline encoder, e.g. T5), projected to `width`.
+  the cache (`vidsim embed-text`: a frozen T5 / UMT5, vidsim/models/t5.py; or any offline
+  encoder), projected to `width`.
 Both read `text_mask` bool [R, K, S]. The encoder lives inside the DiT, so the
 model has one param tree and one optimizer.
 """
@@ -17,6 +18,7 @@ from flax import nnx
 
 from vidsim.errors import UsageError
 from vidsim.models import layers
+from vidsim.models import t5
 
 BYTE_VOCAB = 257  # 256 byte values + 1, id 0 = padding.
 TEXT_MLP_RATIO = 4.0
@@ -106,15 +108,17 @@ class PrecomputedText(nnx.Module):
 
   def __init__(self, t, *, dtype, attention_impl, rngs):
     del attention_impl  # A projection: nothing attends.
-    if t.embed_dim <= 0:
+    # The size of the encoder's output: set, or the d_model of the text.t5_path encoder.
+    embed_dim = t.embed_dim or (t5.read_config(t.t5_path).d_model if t.t5_path else 0)
+    if embed_dim <= 0:
       raise UsageError(
           "text.encoder='precomputed' needs text.embed_dim (the cached embedding size); "
-          "set --config.text.embed_dim=E (the train loop reads E from the latent cache)"
+          "set --config.text.embed_dim=E or text.t5_path (the train loop reads E from the latent cache)"
       )
     self.width = t.width
-    self.embed_dim = t.embed_dim
+    self.embed_dim = embed_dim
     self.proj = nnx.Linear(
-        t.embed_dim, t.width, dtype=layers.compute_dtype(dtype),
+        embed_dim, t.width, dtype=layers.compute_dtype(dtype),
         kernel_init=layers.partitioned(layers.xavier, None, "embed"),
         bias_init=layers.partitioned(layers.zeros, "embed"), rngs=rngs,
     )

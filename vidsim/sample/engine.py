@@ -21,8 +21,10 @@ from vidsim import flow
 from vidsim import mesh as mesh_lib
 from vidsim import patches, sizes
 from vidsim import tasks as tasks_lib
+from vidsim import text_cache
 from vidsim.errors import UsageError
 from vidsim.log import get_logger
+from vidsim.models import t5_loader
 from vidsim.models import text as text_lib
 from vidsim.models import vae_tiling
 from vidsim.trained import TrainedDiT, TrainedVAE
@@ -37,11 +39,14 @@ class Engine:
   from TrainedVAE (host params, per-channel shift and scale)."""
 
   def __init__(self, config, mesh, dit_graphdef, dit_params, vae_graphdef, vae_params, shift, scale):
-    if config.text.encoder != "bytes":
-      raise UsageError(
-          f"sampling needs text.encoder='bytes' (new prompts are encoded by the model); "
-          f"text.encoder={config.text.encoder!r} would need precomputed embeddings of each prompt"
-      )
+    self.text_encoder = None  # bytes: the DiT encodes the prompt itself.
+    if config.text.encoder == "precomputed":
+      if not config.text.t5_path:
+        raise UsageError(
+            "sampling with text.encoder='precomputed' embeds each prompt with the encoder the training "
+            "captions were embedded with: set text.t5_path to its directory"
+        )
+      self.text_encoder = t5_loader.load_text_encoder(config, mesh)
     self.config, self.mesh = config, mesh
     self.dit_graphdef, self.dit_params = dit_graphdef, dit_params
     self.vae_graphdef, self.vae_params = vae_graphdef, vae_params
@@ -52,6 +57,8 @@ class Engine:
 
   @classmethod
   def from_workdir(cls, config, workdir, mesh):
+    if config.text.encoder == "precomputed" and (text_cache.text_dir(workdir) / "manifest.json").exists():
+      text_cache.load_manifest(workdir, config)  # Refuses a text.t5_path other than the one training saw.
     vae = TrainedVAE(config, workdir, mesh)
     dit = TrainedDiT(config, workdir, mesh)
     log.info("sampling with DiT step %d (EMA) and VAE step %d", dit.step, vae.step)
@@ -75,18 +82,26 @@ class Engine:
     clean = np.stack([tasks_lib.clean_tokens(w.clean, patch_grid, self.patch_size[0]) for w in windows])
     eps = np.stack([np.asarray(jax.random.normal(jax.random.fold_in(key, i), x_init.shape[1:], jnp.float32))
                     for i in range(len(windows))])
-    ids, mask = text_lib.tokenize_bytes(list(prompts), self.config.text.max_length)
     n, length = x_init.shape[:2]
     rows = dict(
         eps=eps, x_init=x_init, clean=clean, x_clean=x_init,
         positions=np.broadcast_to(positions, (n, length, 3)),
         segment_ids=np.ones((n, length), np.int32),
-        text_tokens=ids[:, None], text_mask=mask[:, None],
+        **{k: v[:, None] for k, v in self.prompt_text(prompts).items()},  # One text slot per row.
     )
     tokens = self._run_rows(rows, steps=steps, sampler=sampler, guidance=float(guidance), start_t=float(start_t))
     # The ODE holds given tokens bit for bit; (un)patchify only moves values, so the
     # given latent frames come back exactly (tested).
     return np.asarray(patches.unpatchify_batch(jnp.asarray(tokens), self.patch_size, grid_shape))
+
+  def prompt_text(self, prompts) -> dict:
+    """The text features of prompts, as the text encoder of the DiT reads them: byte tokens, or
+    the embeddings of text.t5_path (float32 [N, S, E]); with text_mask [N, S]."""
+    if self.text_encoder is None:
+      ids, mask = text_lib.tokenize_bytes(list(prompts), self.config.text.max_length)
+      return {"text_tokens": ids, "text_mask": mask}
+    embeddings, mask = self.text_encoder.embed(list(prompts))
+    return {"text_embeddings": embeddings, "text_mask": mask}
 
   def _run_rows(self, rows, **static):
     """Pads rows to a multiple of the data-parallel size, shards them, runs the ODE, gathers."""
@@ -99,8 +114,9 @@ class Engine:
     local = {k: v[start : start + per_process] for k, v in rows.items()}
     with mesh_lib.activate(self.mesh, self.config):
       batch = mesh_lib.make_global_batch(local, self.mesh, self.config)
+      text = {k: batch[k] for k in ("text_tokens", "text_embeddings", "text_mask") if k in batch}
       tokens = self._ode(self.dit_params, batch["eps"], batch["x_init"], batch["clean"], batch["x_clean"],
-                         batch["positions"], batch["segment_ids"], batch["text_tokens"], batch["text_mask"], **static)
+                         batch["positions"], batch["segment_ids"], text, **static)
     if jax.process_count() > 1:
       tokens = multihost_utils.process_allgather(tokens, tiled=True)
     return np.asarray(tokens)[:n]
@@ -150,17 +166,18 @@ def _compiled(config, dit_graphdef, vae_graphdef):
   return _COMPILED[key]
 
 
-def _ode(config, graphdef, params, eps, x_init, clean, x_clean, positions, segment_ids, text_tokens, text_mask,
+def _ode(config, graphdef, params, eps, x_init, clean, x_clean, positions, segment_ids, text,
          *, steps, sampler, guidance, start_t):
-  """Rows of tokens -> sampled tokens: CFG velocity (both branches in one pass) in one fori_loop."""
+  """Rows of tokens -> sampled tokens: CFG velocity (both branches in one pass) in one fori_loop.
+  text: the DiT's text dict (text_tokens or text_embeddings, and text_mask), one slot per row."""
 
   def model_fn(x, t, drop_text, rows):
-    pos, seg, ids, mask = rows
+    pos, seg, row_text = rows
     # Merged here, inside the ODE loop body: NNX modules must live at the trace level they run in.
     model = nnx.merge(graphdef, params)
-    return model(x, t, pos, seg, {"text_tokens": ids, "text_mask": mask}, drop_text)
+    return model(x, t, pos, seg, row_text, drop_text)
 
-  velocity = flow.cfg_velocity(model_fn, guidance, row_inputs=(positions, segment_ids, text_tokens, text_mask))
+  velocity = flow.cfg_velocity(model_fn, guidance, row_inputs=(positions, segment_ids, text))
   t_grid = flow.sample_time_grid(steps, x_init.shape[1], config, start_t)
   x_T = flow.noise_tokens(x_init, eps, start_t)  # start_t = 1: pure noise.
   return flow.sample_ode(velocity, x_T, t_grid, clean, x_clean, sampler)

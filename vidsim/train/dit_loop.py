@@ -13,6 +13,7 @@ import numpy as np
 
 from vidsim import latents as latents_lib
 from vidsim import mesh as mesh_lib
+from vidsim import text_cache
 from vidsim.data import packing
 from vidsim.errors import UsageError
 from vidsim.log import get_logger
@@ -30,10 +31,14 @@ def run_train(args, config):
 
 
 def check_cache(config, workdir, mesh):
-  """The cache's manifest, after checking it was made by the configured VAE."""
+  """The cache's manifest, after checking it was made by the configured VAE and holds the
+  configured text (text.embed_dim, when 0, becomes the cached embeddings' size)."""
   vae = TrainedVAE(config, workdir, mesh)
   manifest = latents_lib.load_manifest(workdir, expected_fingerprint=vae.fingerprint)
-  if manifest["text_encoder"] != config.text.encoder:
+  if config.text.encoder == "precomputed":
+    # The embeddings sit beside the latents (`vidsim embed-text`), whichever text the latents hold.
+    text_cache.resolve_embed_dim(config, text_cache.load_manifest(workdir, config))
+  elif manifest["text_encoder"] != config.text.encoder:
     raise UsageError(
         f"latent cache holds text for encoder {manifest['text_encoder']!r}, config.text.encoder is "
         f"{config.text.encoder!r}: re-encode or change the config"
