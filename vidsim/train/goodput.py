@@ -12,7 +12,8 @@ reached, and the seconds spent so far in each phase:
   hooks       periodic samples and evaluations
 A snapshot is written at every log and checkpoint step and at the end, so a process
 that dies loses at most one log interval of accounting ("unrecorded" below: the time
-from its last snapshot to the next attempt's start, when that is known).
+from its last snapshot to the next attempt's start, when that is known). "other" is
+the rest of an attempt's wall time (bookkeeping between the phases).
 
 The account: productive time is the step time of the steps that survived; steps an
 attempt made after its last checkpoint are redone by the next attempt, and their time
@@ -109,7 +110,7 @@ def _attempts(path) -> list:
 def account(stage_dir) -> dict:
   """The wall-time account of a stage over all its attempts (see the module docstring)."""
   attempts = _attempts(epath.Path(stage_dir) / FILE)
-  totals = dict.fromkeys(PHASES + ("lost", "unrecorded"), 0.0)
+  totals = dict.fromkeys(PHASES + ("lost", "unrecorded", "other"), 0.0)
   rows = []
   for i, row in enumerate(attempts):
     seconds = dict(row["seconds"])
@@ -122,6 +123,8 @@ def account(stage_dir) -> dict:
     seconds["lost"] = lost
     wall = row["time"] - row["start"]
     seconds["unrecorded"] = max(following["start"] - row["time"], 0.0) if following and not row["done"] else 0.0
+    # Loop bookkeeping (metrics, logging) and set-up between the phases.
+    seconds["other"] = max(wall - sum(seconds[k] for k in PHASES + ("lost",)), 0.0)
     for key in totals:
       totals[key] += seconds.get(key, 0.0)
     rows.append({"attempt": row["attempt"], "resume_step": row["resume_step"], "step": row["step"],
