@@ -13,13 +13,15 @@ Command:
   vidsim train     --config experiments/digits_permanence.py --workdir runs/digits_permanence
   vidsim eval      --config experiments/digits_permanence.py --workdir runs/digits_permanence
 Expected runtime: sized for about 2 hours on 2 cores of an AMD EPYC (Zen 5): the VAE is
-experiments/digits_vae.py's recipe (~17 min there), the DiT the size of
-experiments/digits_quality.py's with clips of 96 tokens (twice its 48), 3,000 steps of
-12 rows of 256 tokens. The full run has not been timed and its scores are not measured
-yet; the targets are identity and direction >= 90% of their ceilings, permanence >= 85%,
-every conditioned task >= 80% (W/eval/probes.json lists each score with its ceiling).
-What has been run is a 100-step smoke run of every stage and of `vidsim eval`
-(docs/eval.md, "A real workdir"), whose model is far too short-trained to score.
+experiments/digits_vae.py's recipe for 4,000 steps (clips of 13x32x48 cost about twice
+the mixed world's), the DiT the size of experiments/digits_quality.py's with clips of 96
+tokens (twice its 48), 3,000 steps of 12 rows of 256 tokens. The full run has not been
+timed yet.
+Expected result: not measured yet. The targets are identity and direction >= 90% of
+their ceilings, permanence >= 85%, every conditioned task >= 80% (W/eval/probes.json
+lists each score next to its ceiling and chance). What has been run is a short smoke run
+of every stage and of `vidsim eval` (docs/eval.md, "A real workdir"), whose model is far
+too briefly trained to score above chance.
 """
 
 import os
