@@ -115,6 +115,7 @@ def test_a_loop_with_a_hard_cut_fails(plain_world):
   assert np.mean([criteria.loop(c.real, SIZE)["passed"] for c in loops]) >= 0.9
   cut = [np.concatenate([c.real, loops[(i + 1) % 20].real[:4]]) for i, c in enumerate(loops)]  # Ends on another scene.
   assert np.mean([criteria.loop(v, SIZE)["passed"] for v in cut]) <= 0.2
+  assert not criteria.loop(np.repeat(loops[0].real[:1], 9, axis=0), SIZE)["passed"]  # Frozen: no loop.
 
 
 def test_a_reversed_clip_fails_extend_forward_direction(plain_world):

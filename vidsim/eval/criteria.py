@@ -22,6 +22,8 @@ CLEAR_SHARE = 0.8
 SPEED_RATIO = 1.5
 # Loop: the jump from the last frame to the first may be this many typical steps (plus 1 px of rounding).
 LOOP_JUMP_STEPS = 1.5
+# ... and its digit must move: a mean step of at least this many pixels (the world's slowest digits move 0.5 px a frame).
+LOOP_MIN_STEP = 0.25
 
 
 def position_tolerance(digit_size: int) -> float:
@@ -172,7 +174,8 @@ def extension(source, output, digit_size: int, forward: bool) -> dict:
 
 def loop(output, digit_size: int) -> dict:
   """The jump from the last frame back to the first is no larger than a typical step:
-  the centroid moves at most LOOP_JUMP_STEPS x the median frame-to-frame step + 1 px."""
+  the centroid moves at most LOOP_JUMP_STEPS x the median frame-to-frame step + 1 px,
+  in a clip whose digit moves (mean step >= LOOP_MIN_STEP px)."""
   reads = digit_score.track(output, digit_size)
   if reads[0] is None or reads[-1] is None:
     return dict(passed=False, reason="no digit in the first or last frame")
@@ -180,7 +183,8 @@ def loop(output, digit_size: int) -> dict:
            for t in range(len(reads) - 1) if reads[t] is not None and reads[t + 1] is not None]
   typical = float(np.median(steps)) if steps else 0.0
   jump = _distance(reads[-1]["centroid"], reads[0]["centroid"])
-  return dict(passed=bool(jump <= LOOP_JUMP_STEPS * typical + 1.0), jump_px=round(jump, 2),
+  moves = bool(steps) and float(np.mean(steps)) >= LOOP_MIN_STEP  # A clip that stands still loops trivially.
+  return dict(passed=bool(moves and jump <= LOOP_JUMP_STEPS * typical + 1.0), moves=moves, jump_px=round(jump, 2),
               typical_step_px=round(typical, 2))
 
 
