@@ -25,7 +25,8 @@ from vidsim.data import moving_digits
 
 _PROMPT = re.compile(
     r"^an? (?P<color>[a-z]+) (?P<digit>\d) (?:slowly )?"
-    r"(?P<direction>moves (?:up|down) and to the (?:left|right)|moves (?:left|right)|falls|rises)$"
+    r"(?P<direction>moves (?:up|down) and to the (?:left|right)|moves (?:left|right)|falls|rises)"
+    r"(?: and passes behind the grey bar)?$"  # Occlusion scenes: the bar does not change what is scored.
 )
 _BRIGHT = 0.3  # A pixel belongs to a digit above this intensity (moving_digits.MASK_THRESHOLD).
 _MIN_PIXELS = 4  # Fewer bright pixels than this: no digit in the frame.

@@ -96,7 +96,13 @@ def make_case(config, probe: str, index: int) -> Case:
     return Case(caption, video, dict(frames=total, video=source, **size), dict(source=source))
   if probe == "long-extension":
     total = long_length(t)
-    video, caption = scene(config, probe, index, total, h, w)
+    video, caption = scene(config, probe, index, total, h, w, occluder_width=0)
+    if config.data.builder_config == "occlusion":
+      # The renderer aims one pass behind the bar at mid-clip, slowing a long clip's digit
+      # to a crawl; a free path with the bar drawn over it (as the renderer draws it) is as true.
+      video = video.copy()
+      x0 = max((w - md.occluder_width) // 2, 0)
+      video[:, :, x0 : x0 + md.occluder_width] = moving_digits.OCCLUDER_RGB
     return Case(caption, video, dict(frames=total, video=video[:t], **size), dict(source=video[:t]))
   if probe == "loop":
     video, caption = scene(config, probe, index, t, h, w)

@@ -228,14 +228,22 @@ def long_extension(source, output, digit_size: int) -> dict:
   their boundary frame): each window's digit and colour are the source's, and its motion
   has the source's axis class (horizontal / vertical / diagonal) and speed within
   SPEED_RATIO (bounces flip a direction's sign, never these). identity[k] and motion[k]
-  are window k + 1's (window 0 is the source)."""
+  are window k + 1's (window 0 is the source); None where the window has fewer than two
+  clear frames while the clip has more (a digit behind the grey bar for most of the
+  window), which is not judged; a clip passes when it has a judged window and every
+  judged window passes."""
   n = len(source)
   src = _summary(digit_score.track(source, digit_size), range(n))
   reads = digit_score.track(output, digit_size)
+  clear = _clear(reads)
   windows = [range(k * (n - 1), k * (n - 1) + n) for k in range(1, 1 + (len(reads) - n) // (n - 1))]
   identity, motion = [], []
   for frames in windows:
+    if clear[list(frames)].sum() < 2 and clear.sum() >= 2:
+      identity.append(None), motion.append(None)  # Behind the bar most of the window: nothing to judge.
+      continue
     got = _summary(reads, frames)
     identity.append(bool(src["digit"] is not None and got["digit"] == src["digit"] and got["color"] == src["color"]))
     motion.append(_same_motion(src["abs_velocity"], got["abs_velocity"]))
-  return dict(passed=bool(all(identity) and all(motion)), identity=identity, motion=motion)
+  judged = [v for v in identity + motion if v is not None]
+  return dict(passed=bool(judged and all(judged)), identity=identity, motion=motion)

@@ -226,7 +226,12 @@ def _stability(changes_and_pairs):
 
 
 def _per_window(rows, key):
-  return [round(float(v), 4) for v in np.mean([r[key] for r in rows], axis=0)] if rows else []
+  """Per window: the share of judged clips that pass (None where no clip was judged)."""
+  if not rows:
+    return []
+  columns = zip(*[r[key] for r in rows])
+  return [round(float(np.mean([v for v in column if v is not None])), 4) if any(v is not None for v in column)
+          else None for column in columns]
 
 
 def _tolerances(config, probe) -> dict:
