@@ -254,5 +254,6 @@ def headline_metrics(result: dict) -> dict:
     if entry.get("score") is not None:
       key = "probe_" + name.replace("-", "_")
       metrics[key] = entry["score"]
-      metrics[key + "_ceiling"] = entry["ceiling"]
+      if entry.get("ceiling") is not None:
+        metrics[key + "_ceiling"] = entry["ceiling"]
   return metrics
