@@ -64,3 +64,21 @@ def test_report_prefers_the_whole_split_psnr_and_shows_scores(tmp_path):
   assert "200 clips of the validation split at 20.2 dB" in page and "21.9 dB" not in page
   assert html.escape(note) in page and "No samples were scored" not in page
   assert "No samples were scored" in report.write_report(config, tmp_path, [], {}).read_text()
+
+
+def test_report_shows_every_probe_next_to_its_ceiling(tmp_path):
+  (tmp_path / "eval").mkdir()
+  protocol = dict(split="validation", count=4, ceiling_count=50, seed=1, sampler="euler", steps=8, guidance=4.0,
+                  dit_step=150)
+  probes = {"permanence": dict(score=0.25, ceiling=0.8, chance=0.02, n=4, protocol=protocol),
+            "offscreen": dict(skipped="the world bounces digits off the frame edges")}
+  (tmp_path / "eval" / "probes.json").write_text(json.dumps(dict(protocol=protocol, about={}, probes=probes)))
+  (tmp_path / "dit").mkdir()
+  (tmp_path / "dit" / "metrics.jsonl").write_text(
+      "".join(json.dumps({"step": s, "loss": 1.0, "probe_permanence": s / 1000, "probe_permanence_ceiling": 0.8}) + "\n"
+              for s in (100, 200)))
+  page = report.write_report(config_lib.base_config(), tmp_path, [], {}).read_text()
+  table = page[page.index("World probes (DiT step 150)"):]
+  assert "<td>0.25</td><td>0.8</td><td>0.3125</td><td>0.02</td><td>4</td>" in table
+  assert "skipped: the world bounces digits off the frame edges" in table
+  assert "Probe scores (train.probe_every)" in page and "probe_permanence_ceiling" not in page.split("<table>")[0]

@@ -57,6 +57,15 @@ def _eval_vae_cmd(sub):
   return p
 
 
+def _eval_cmd(sub):
+  p = sub.add_parser("eval", help="VAE quality, held-out loss and world probes of a workdir -> W/eval/*.json")
+  _add_config_arg(p)
+  _add_workdir_arg(p)
+  p.add_argument("--what", default="", help="comma-separated parts: vae, loss, probes (default: eval.what)")
+  p.add_argument("--out-dir", default="", help="where the JSON files go (default: W/eval)")
+  return p
+
+
 def _encode_cmd(sub):
   p = sub.add_parser("encode", help="build the latent cache with the trained VAE (resumable)")
   _add_config_arg(p)
@@ -138,6 +147,7 @@ COMMANDS = {
     "config": (_config_cmd, "vidsim.cli:run_config"),
     "data": (_data_cmd, "vidsim.data.commands:run_data"),
     "train-vae": (_train_vae_cmd, "vidsim.train.vae_loop:run_train_vae"),
+    "eval": (_eval_cmd, "vidsim.eval.command:run_eval"),
     "eval-vae": (_eval_vae_cmd, "vidsim.eval.vae:run_eval_vae"),
     "encode": (_encode_cmd, "vidsim.latents:run_encode"),
     "embed-text": (_embed_text_cmd, "vidsim.embed_text:run_embed_text"),

@@ -239,6 +239,7 @@ def base_config() -> ConfigDict:
   c.train.score_samples = 0  # moving_digits: also generate this many probe prompts and score them (0 = off).
   c.train.eval_every = 500  # Steps between held-out losses (EMA, fixed batches and noise; 0 = off).
   c.train.eval_batches = 2  # Packed batches of each split (eval and train) in that measure.
+  c.train.probe_every = 0  # Steps between world probes (vidsim/eval/probes.py, eval.probe_count clips each; 0 = off).
   c.train.max_nonfinite_steps = 5  # Stop after this many consecutive non-finite steps.
 
   # ---------------------------------------------------------------- checkpoints
@@ -260,6 +261,12 @@ def base_config() -> ConfigDict:
   c.sample.overlap_latent_frames = 0  # Latent frames given clean where windows meet (0 = max(1, window // 3)).
   c.sample.edit_strength = 0.6  # Default --strength of edit: SDEdit start time in (0, 1] (1 = ignore the source).
   c.sample.decode_tile_overlap = 0  # Overlap in pixels of tiled-decode tiles (0 = encode.tile_size // 2).
+
+  # ---------------------------------------------------------------- evaluation (`vidsim eval`)
+  c.eval = ConfigDict()
+  c.eval.what = "vae,loss,probes"  # Default --what of `vidsim eval`.
+  c.eval.probe_count = 20  # Generated clips per world probe (t2v: per aspect ratio).
+  c.eval.ceiling_count = 100  # True clips per probe for its ceiling and chance.
 
   # ---------------------------------------------------------------- benchmarks
   c.bench = ConfigDict()

@@ -25,7 +25,8 @@ from vidsim.data import moving_digits
 
 _PROMPT = re.compile(
     r"^an? (?P<color>[a-z]+) (?P<digit>\d) (?:slowly )?"
-    r"(?P<direction>moves (?:up|down) and to the (?:left|right)|moves (?:left|right)|falls|rises)$"
+    r"(?P<direction>moves (?:up|down) and to the (?:left|right)|moves (?:left|right)|falls|rises)"
+    r"(?: and passes behind the grey bar)?$"  # Occlusion scenes: the bar does not change what is scored.
 )
 _BRIGHT = 0.3  # A pixel belongs to a digit above this intensity (moving_digits.MASK_THRESHOLD).
 _MIN_PIXELS = 4  # Fewer bright pixels than this: no digit in the frame.
@@ -90,7 +91,7 @@ def describe(video: np.ndarray, digit_size: int) -> dict:
   """What a one-digit clip uint8 [T, H, W, 3] shows: dict(digit, color, direction,
   frames_with_digit). Fields are None where nothing bright is found."""
   frames = np.asarray(video, np.float32) / 255.0
-  intensity = frames.max(axis=-1)
+  intensity = np.where(occluder_mask(video), 0.0, frames.max(axis=-1))  # The grey bar is not a digit.
   crops = [_crop(frame, digit_size) for frame in intensity]
   found = [(t, c) for t, c in enumerate(crops) if c is not None]
   result = dict(digit=None, color=None, direction=None, frames_with_digit=len(found))
@@ -102,11 +103,55 @@ def describe(video: np.ndarray, digit_size: int) -> dict:
   if bright.any():
     result["color"] = _nearest_color(frames[bright].mean(axis=0) * 255)
   if len(found) >= 2:
-    times = np.asarray([t for t, _ in found], np.float32)
-    centroids = np.asarray([c[1] for _, c in found], np.float32)
-    steps = np.diff(centroids, axis=0) / np.diff(times)[:, None]
-    result["direction"] = _direction(_initial_velocity(steps[:, 0]), _initial_velocity(steps[:, 1]))
+    result["direction"] = direction_of([c[1] for _, c in found], [t for t, _ in found])
   return result
+
+
+def occluder_mask(video: np.ndarray, tolerance: int = 24, share: float = 0.75) -> np.ndarray:
+  """bool [H, W]: pixels that show the world's grey bar (moving_digits.OCCLUDER_RGB, within
+  `tolerance` per channel) in at least `share` of the frames. The bar is static and drawn
+  over the digits, so it is found from the frames alone."""
+  close = np.all(np.abs(np.asarray(video, np.int16) - np.asarray(moving_digits.OCCLUDER_RGB, np.int16)) <= tolerance,
+                 axis=-1)
+  return close.mean(axis=0) >= share
+
+
+def track(video: np.ndarray, digit_size: int) -> list:
+  """Per frame of a one-digit clip uint8 [T, H, W, 3]: None where no digit is seen, else
+  dict(digit, color, centroid (y, x), pixels (bright pixel count), box (y0, x0, y1, x1) of
+  the bright pixels, inclusive). The grey bar (occluder_mask) is not part of any digit."""
+  frames = np.asarray(video, np.float32) / 255.0
+  intensity = np.where(occluder_mask(video), 0.0, frames.max(axis=-1))
+  crops = [_crop(frame, digit_size) for frame in intensity]
+  found = [t for t, c in enumerate(crops) if c is not None]
+  reads = _classifier(digit_size).predict(np.stack([crops[t][0] for t in found])) if found else []
+  result = [None] * len(crops)
+  for t, digit in zip(found, reads):
+    ys, xs = np.nonzero(intensity[t] > _BRIGHT)
+    bright = intensity[t] > 0.5
+    color = _nearest_color(frames[t][bright].mean(axis=0) * 255) if bright.any() else None
+    result[t] = dict(digit=int(digit), color=color, centroid=crops[t][1], pixels=int(len(ys)),
+                     box=(int(ys.min()), int(xs.min()), int(ys.max()), int(xs.max())))
+  return result
+
+
+def majority(values):
+  """The most common of `values` that is not None (ties: the smallest), else None."""
+  values = [v for v in values if v is not None]
+  if not values:
+    return None
+  names = sorted(set(values), key=str)
+  return max(names, key=values.count)
+
+
+def direction_of(centroids, times=None):
+  """The caption's direction words for a track of centroids [(y, x)] (digits bounce: the
+  velocity before each axis first reverses), or None for fewer than two points."""
+  if len(centroids) < 2:
+    return None
+  times = np.arange(len(centroids), dtype=np.float32) if times is None else np.asarray(times, np.float32)
+  steps = np.diff(np.asarray(centroids, np.float32), axis=0) / np.diff(times)[:, None]
+  return _direction(_initial_velocity(steps[:, 0]), _initial_velocity(steps[:, 1]))
 
 
 def _initial_velocity(steps: np.ndarray) -> float:

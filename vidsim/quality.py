@@ -9,9 +9,15 @@ same whether it is computed in one batch or accumulated batch by batch.
 import jax.numpy as jnp
 
 
+def squared_error_01(video, recon):
+  """Squared errors of [-1, 1] videos on the [0, 1] scale (recon clipped), per value:
+  sum them over any axes and divide by the count for a pooled MSE."""
+  return ((jnp.clip(recon, -1.0, 1.0) - video) / 2.0) ** 2
+
+
 def mse_01(video, recon):
   """Mean squared error of [-1, 1] videos on the [0, 1] scale (recon clipped)."""
-  return jnp.mean(((jnp.clip(recon, -1.0, 1.0) - video) / 2.0) ** 2)
+  return jnp.mean(squared_error_01(video, recon))
 
 
 def psnr_of_mse(mse):

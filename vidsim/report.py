@@ -69,6 +69,13 @@ def write_report(config, workdir, outputs, timings, quality_notes=None):
     parts.append(_chart("What a wrong caption costs the DiT (held-out loss at the highest eval noise)", dit_rows, gains))
   parts.append("</div>")
 
+  probe_keys = sorted({k for row in dit_rows for k in row if k.startswith("probe_") and not k.endswith("_ceiling")})
+  if probe_keys:
+    parts.append("<h2>World probes during training (EMA)</h2><div class='grid'>")
+    parts.append(_chart("Probe scores (train.probe_every)", dit_rows, probe_keys))
+    parts.append("</div>")
+  parts.append(_eval_section(workdir))
+
   accounts = goodput.workdir_account(workdir)
   if accounts:
     parts.append("<h2>Where the training time went (goodput, all restarts)</h2>")
@@ -83,6 +90,54 @@ def write_report(config, workdir, outputs, timings, quality_notes=None):
   out = workdir / "report.html"
   write_atomically(out, lambda tmp: tmp.write_text("\n".join(parts)))
   return out
+
+
+def latest_probes(workdir):
+  """W/eval/probes.json (`vidsim eval`), else the newest probes_step_*.json of the training hook, else None."""
+  eval_dir = epath.Path(workdir) / "eval"
+  if not eval_dir.exists():
+    return None
+  candidates = [eval_dir / "probes.json"] if (eval_dir / "probes.json").exists() else []
+  candidates = candidates or sorted(eval_dir.glob("probes_step_*.json"))[-1:]
+  return json.loads(candidates[0].read_text()) if candidates else None
+
+
+def _eval_section(workdir) -> str:
+  """`vidsim eval`'s figures: every world probe next to its ceiling and chance, and the VAE's."""
+  parts = []
+  result = latest_probes(workdir)
+  if result:
+    step = result["protocol"].get("dit_step")
+    p = result["protocol"]
+    parts.append(f"<h2>World probes (DiT step {step})</h2>"
+                 f"<p class='sub'>{p['count']} generated clips a probe ({html.escape(p['sampler'])}, {p['steps']} steps, "
+                 f"guidance {p['guidance']}, seed {p['seed']}); ceiling: the same probe on {p['ceiling_count']} true "
+                 f"clips of the {html.escape(p['split'])} split; chance: realistic clips that do not answer the "
+                 "inputs (docs/eval.md).</p>")
+    rows = ["<tr><th>probe</th><th>score</th><th>ceiling</th><th>score / ceiling</th><th>chance</th><th>n</th>"
+            "<th>what it checks</th></tr>"]
+    about = result.get("about", {})
+    for name, entry in result["probes"].items():
+      what = html.escape(about.get(name.split("_")[0], ""))
+      if "skipped" in entry:
+        rows.append(f"<tr><th>{html.escape(name)}</th><td colspan='5' style='text-align:left'>skipped: "
+                    f"{html.escape(entry['skipped'])}</td><td style='text-align:left'>{what}</td></tr>")
+        continue
+      ratio = (entry["score"] / entry["ceiling"]) if entry["score"] is not None and entry["ceiling"] else None
+      rows.append(f"<tr><th>{html.escape(name)}</th><td>{_fmt(entry['score'])}</td><td>{_fmt(entry['ceiling'])}</td>"
+                  f"<td>{_fmt(ratio)}</td><td>{_fmt(entry['chance'])}</td><td>{entry['n']}</td>"
+                  f"<td style='text-align:left'>{what}</td></tr>")
+    parts.append(f"<table>{''.join(rows)}</table>")
+  vae_path = epath.Path(workdir) / "eval" / "vae.json"
+  if vae_path.exists():
+    vae = json.loads(vae_path.read_text())
+    rows = ["<tr><th>data</th><th>clips</th><th>PSNR (dB)</th><th>SSIM</th></tr>"]
+    for split, r in vae["splits"].items():
+      for name, entry in [("all", r)] + sorted(r["per_kind"].items()) + sorted(r["per_bucket"].items()):
+        rows.append(f"<tr><th>{html.escape(split)} {html.escape(name)}</th><td>{entry['clips']}</td>"
+                    f"<td>{_fmt(entry['psnr_db'])}</td><td>{_fmt(entry['ssim'])}</td></tr>")
+    parts.append("<h2>VAE reconstruction (vidsim eval)</h2>" + f"<table>{''.join(rows)}</table>")
+  return "".join(parts)
 
 
 def _lines(path):

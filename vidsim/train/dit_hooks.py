@@ -25,6 +25,9 @@ well before the sampled videos follow their prompts' directions (docs/generate.m
 
 Samples: text-to-video for each train.sample_prompts, written to W/dit/samples/, and
 (on a world with ground truth) probe prompts scored by vidsim/digit_score.py.
+
+World probes (train.probe_every): every probe of `vidsim eval --what probes`, logged as
+probe_<name> next to probe_<name>_ceiling.
 """
 
 import json
@@ -208,6 +211,41 @@ def sample_hooks(config, workdir, mesh, graphdef) -> list:
   return [(config.train.sample_every, lambda state, step: training_samples(config, workdir, mesh, graphdef, state, step))]
 
 
+def probe_hooks(config, workdir, mesh, graphdef) -> list:
+  """[(train.probe_every, world probes)], or [] when off or no probe applies to the dataset.
+
+  The hook runs `vidsim eval --what probes` (vidsim/eval/probes.py) on the EMA weights
+  with eval.probe_count clips a probe; its scores and ceilings go to metrics.jsonl and
+  TensorBoard as probe_<name> and probe_<name>_ceiling, the whole result to
+  W/eval/probes_step_XXXXXX.json."""
+  if not config.train.probe_every:
+    return []
+  skipped = probes.skipped_probes(config)
+  if len(skipped) == len(probes.PROBES):
+    log.warning("train.probe_every is set but no probe applies: %s", next(iter(skipped.values())))
+    return []
+
+  def hook(state, step):
+    try:
+      vae = TrainedVAE(config, workdir, mesh)
+      engine = Engine(config, mesh, graphdef, state["ema"], vae.graphdef, vae.params, vae.shift, vae.scale)
+      result = probes.run_probes(config, engine, config.eval.probe_count, config.eval.ceiling_count, step=step)
+    except UsageError as e:
+      log.error("step %d: no probes: %s", step, e)  # A bad sample setting must not end the training run.
+      return None
+    if is_chief():
+      out = epath.Path(workdir) / "eval" / f"probes_step_{step:06d}.json"
+      out.parent.mkdir(parents=True, exist_ok=True)
+      out.write_text(json.dumps(result, indent=2) + "\n")
+    metrics = probes.headline_metrics(result)
+    log.info("step %d: probes (EMA) %s", step, ", ".join(f"{k[6:]} {v:.2f}" for k, v in metrics.items()
+                                                         if not k.endswith("_ceiling")))
+    return metrics
+
+  return [(config.train.probe_every, hook)]
+
+
 def training_hooks(config, workdir, mesh, graphdef, manifest) -> list:
   """Every periodic hook of the DiT trainer, in the order they run at a step."""
-  return held_out_hooks(config, workdir, mesh, graphdef, manifest) + sample_hooks(config, workdir, mesh, graphdef)
+  return (held_out_hooks(config, workdir, mesh, graphdef, manifest) + sample_hooks(config, workdir, mesh, graphdef)
+          + probe_hooks(config, workdir, mesh, graphdef))
