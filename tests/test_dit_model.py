@@ -151,34 +151,6 @@ def test_einsum_attention_equals_dot_product_attention(config, model):
   np.testing.assert_allclose(forward(einsum_model, batch), forward(randomize(build(config)), batch), atol=1e-5)
 
 
-def test_einsum_attention_gradients_and_what_remat_recomputes():
-  """The hand-written backward of the einsum attention gives dot_product_attention's
-  gradients (masked keys, a query row that sees only itself), and under the "dots"
-  remat policy the backward recomputes only the logits: 8 dot_generals in all
-  (forward logits and values; backward logits, dV, dP, dQ, dK and the dO.O row
-  sum), where recomputing the whole forward would make 10."""
-  keys = jax.random.split(jax.random.key(0), 4)
-  q, k, v, d_out = (jax.random.normal(key, (2, 12, 2, 8)) for key in keys)
-  mask = jax.random.bernoulli(jax.random.key(5), 0.5, (2, 1, 12, 12)) | jnp.eye(12, dtype=bool)
-  mask = mask.at[0, 0, 3].set(jnp.arange(12) == 3)  # Query 3 of row 0 sees only itself.
-  bias = layers.attention_bias(mask)
-
-  def reference(q, k, v):
-    return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation="xla")
-
-  def einsum(q, k, v):
-    return layers.einsum_attention(q, k, v, bias)
-
-  out, vjp = jax.vjp(einsum, q, k, v)
-  ref_out, ref_vjp = jax.vjp(reference, q, k, v)
-  np.testing.assert_allclose(out, ref_out, atol=1e-5)
-  for got, want in zip(vjp(d_out), ref_vjp(d_out)):
-    np.testing.assert_allclose(got, want, atol=1e-5)
-
-  loss = jax.checkpoint(lambda q, k, v: (einsum(q, k, v) * d_out).sum(), policy=layers.REMAT_POLICIES["dots"])
-  assert str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)).count("dot_general") == 8
-
-
 def test_masked_inputs_change_nothing(config, model):
   batch = pack_rows(config, [[A, B]], 24)
   base = forward(model, batch)
