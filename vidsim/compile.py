@@ -290,6 +290,7 @@ def _report(config, topology, mesh, stage, program, compiled, lower_s, compile_s
       "loop_flops_factor": loops["flops"], "loop_bytes_factor": loops["bytes"],
       "loops": [{"body": body, "trips": trips} for body, trips in loops["loops"]],
       "flops_with_loops": flops * loops["flops"], "bytes_with_loops": nbytes * loops["bytes"],
+      "collective_bytes": loops["collective_bytes"],
   }
   report["estimate"] = estimate(report["compiler_cost_per_chip"], program, topology)
   return report
@@ -305,6 +306,7 @@ def estimate(cost, program, topology):
   kernel_flops, kernel_bytes = program.kernel_flops / chips, program.kernel_bytes / chips
   kernel_s = max(kernel_flops / g.peak_bf16_flops, kernel_bytes / g.hbm_bytes_per_s)
   step_s = xla_s + kernel_s
+  sent = sum(cost.get("collective_bytes", {}).values())
   out = {
       "method": (
           "roofline lower bound per chip: max(compiler FLOPs / peak bf16 FLOP/s, compiler bytes / HBM bytes/s), "
@@ -321,6 +323,9 @@ def estimate(cost, program, topology):
       "kernel_bytes_per_chip": kernel_bytes,
       "kernel_s": kernel_s,
       "step_time_s": step_s,
+      # Not in the bound: XLA overlaps collectives with compute where it can.
+      "collective_bytes_per_chip": sent,
+      "collectives_s_if_not_overlapped": sent / g.ici_bytes_per_s,
       "bound_by": "memory" if memory_s > compute_s else "compute",
   }
   if step_s > 0:
@@ -487,6 +492,10 @@ def format_report(r) -> str:
     rate = "; ".join(f"{v:,.0f} {k[:-len('_per_s_per_chip')]}/s/chip" for k, v in e.items() if k.endswith("_per_s_per_chip"))
     lines.append(f"  estimated step time >= {_ms(e['step_time_s'])} ({e['bound_by']}-bound XLA part), "
                  f"MFU <= {100 * e.get('mfu', 0):.1f}%, {rate}")
+    if e.get("collective_bytes_per_chip"):
+      kinds = ", ".join(f"{k} {_gib(v)}" for k, v in sorted(c["collective_bytes"].items(), key=lambda kv: -kv[1]))
+      lines.append(f"  collectives per chip: {_gib(e['collective_bytes_per_chip'])} ({kinds}); "
+                   f"{_ms(e['collectives_s_if_not_overlapped'])} at the chip's ICI bandwidth if not overlapped")
     lines.append(f"  ({e['method']})")
   m = r["machine"]
   lines.append(f"  compiled in {r['compile_s']:.1f} s on {m['cpu']} ({m['cores']} cores)")
