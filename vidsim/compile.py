@@ -184,9 +184,11 @@ def attention_kernel_cost(config, terms, rows, length, text_slots):
   """(FLOPs, HBM bytes) of one train step's attention when it runs in Pallas kernels.
 
   FLOPs: vidsim's attention terms (self, cross, text encoder; forward x 3 for the
-  train step), the full square of every row, so a row of one long clip. Rows packed
-  with several clips skip the blocks between them and do less; the kernels' backward
-  recomputes the logits and does more. Bytes: a flash-style kernel streams K and V
+  train step) over the full square of every row. That is the kernel's work however
+  the row is packed: splash skips only the blocks its static mask rules out (here a
+  full mask), and segment ids mask elements inside every block it visits. The
+  kernels' backward recomputes the logits, and dit.remat=full reruns the forward:
+  more work than counted, so the bound stays a lower bound. Bytes: a flash-style kernel streams K and V
   once per query block (block_q tokens), so forward + backward move about
   3 x rows x heads x (L / block_q) x keys x 2 x head_dim elements.
   """
