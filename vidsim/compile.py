@@ -126,13 +126,13 @@ def stage_program(config, mesh, stage: str) -> StageProgram:
   shardings = loop.state_shardings(shapes, abstract_params, param_shardings, mesh)
   state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
   step = module.make_train_step(config, graphdef, optimizer)
-  batch_shapes, costs = (_dit_batch if stage == "dit" else _vae_batch)(config)
+  batch_shapes, costs = (_dit_batch(config, mesh) if stage == "dit" else _vae_batch(config))
   batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=mesh_lib.batch_sharding(mesh, config, len(shape)))
            for k, (shape, dtype) in batch_shapes.items()}
   return StageProgram(step, state, batch, **costs)
 
 
-def _dit_batch(config):
+def _dit_batch(config, mesh):
   """Shapes of one global packed batch (vidsim/data/packing.py's layout) and its cost."""
   from vidsim.models import dit as dit_lib
   from vidsim.models import flops as flops_lib
@@ -154,7 +154,11 @@ def _dit_batch(config):
     shapes["text_tokens"] = ((rows, k, s), np.int32)
   terms = flops_lib.dit_flops_breakdown(config, rows, length, k * s, k)
   model_flops = 3 * sum(terms.values())
-  kernel_flops, kernel_bytes = attention_kernel_cost(config, terms, rows, length, k * s)
+  length_axes = dict(mesh_lib.logical_rules(config)).get("length") or ()
+  length_axes = (length_axes,) if isinstance(length_axes, str) else length_axes
+  split_rows = math.prod(mesh.shape[a] for a in length_axes) > 1
+  ring = split_rows and config.dit.get("context_parallel", "") == "ring"
+  kernel_flops, kernel_bytes = attention_kernel_cost(config, terms, rows, length, k * s, ring_self_attention=ring)
   return shapes, dict(
       model_flops=model_flops, kernel_flops=kernel_flops, kernel_bytes=kernel_bytes,
       units={"tokens": rows * length},
@@ -180,7 +184,7 @@ def uses_pallas_attention(config) -> bool:
   return config.dit.get("attention_impl", "") == "splash"
 
 
-def attention_kernel_cost(config, terms, rows, length, text_slots):
+def attention_kernel_cost(config, terms, rows, length, text_slots, ring_self_attention=False):
   """(FLOPs, HBM bytes) of one train step's attention when it runs in Pallas kernels.
 
   FLOPs: vidsim's attention terms (self, cross, text encoder; forward x 3 for the
@@ -188,19 +192,22 @@ def attention_kernel_cost(config, terms, rows, length, text_slots):
   the row is packed: splash skips only the blocks its static mask rules out (here a
   full mask), and segment ids mask elements inside every block it visits. The
   kernels' backward recomputes the logits, and dit.remat=full reruns the forward:
-  more work than counted, so the bound stays a lower bound. Bytes: a flash-style kernel streams K and V
-  once per query block (block_q tokens), so forward + backward move about
-  3 x rows x heads x (L / block_q) x keys x 2 x head_dim elements.
+  more work than counted, so the bound stays a lower bound. Bytes: a flash-style
+  kernel streams K and V once per query block (block_q tokens), so forward +
+  backward move about 3 x rows x heads x (L / block_q) x keys x 2 x head_dim elements.
+  With ring context parallelism self-attention runs as XLA einsums over K/V blocks
+  (vidsim.models.attention.ring_attention): the compiler counts it, so it is left out.
   """
   if not uses_pallas_attention(config):
     return 0.0, 0.0
-  flops = 3 * sum(v for name, v in terms.items() if name.endswith("attn"))
+  kernel_terms = [n for n in terms if n.endswith("attn") and not (ring_self_attention and n == "blocks/self_attn")]
+  flops = 3 * sum(terms[n] for n in kernel_terms)
   d = config.dit
   head_dim = d.width // d.heads
   itemsize = 2 if d.dtype == "bfloat16" else 4
   block_q = _block_q(config, length)
   per_pass = lambda keys: rows * d.heads * math.ceil(length / block_q) * keys * 2 * head_dim * itemsize
-  nbytes = 3 * d.depth * (per_pass(length) + per_pass(text_slots))
+  nbytes = 3 * d.depth * ((0 if ring_self_attention else per_pass(length)) + per_pass(text_slots))
   return float(flops), float(nbytes)
 
 
