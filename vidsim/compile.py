@@ -119,13 +119,13 @@ def stage_program(config, mesh, stage: str) -> StageProgram:
   assembled = assemble(config, mesh, stage)
   state = abstract_like(jax.eval_shape(assembled.init_state), assembled.state_shardings)
   step = assembled.train_step
-  batch_shapes, costs = (_dit_batch if stage == "dit" else _vae_batch)(config)
+  batch_shapes, costs = (_dit_batch(config, mesh) if stage == "dit" else _vae_batch(config))
   batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=mesh_lib.batch_sharding(mesh, config, len(shape)))
            for k, (shape, dtype) in batch_shapes.items()}
   return StageProgram(step, state, batch, **costs)
 
 
-def _dit_batch(config):
+def _dit_batch(config, mesh):
   """Shapes of one global packed batch (vidsim/data/packing.py's layout) and its cost."""
   tc, text = config.train, config.text
   rows, length, k, s = tc.rows_per_batch, tc.row_tokens, tc.max_segments_per_row, text.max_length
@@ -144,7 +144,11 @@ def _dit_batch(config):
     shapes["text_tokens"] = ((rows, k, s), np.int32)
   terms = flops_lib.dit_flops_breakdown(config, rows, length, k * s, k)
   model_flops = 3 * sum(terms.values())
-  kernel_flops, kernel_bytes = attention_kernel_cost(config, terms, rows, length, k * s)
+  length_axes = dict(mesh_lib.logical_rules(config)).get("length") or ()
+  length_axes = (length_axes,) if isinstance(length_axes, str) else length_axes
+  split_rows = math.prod(mesh.shape[a] for a in length_axes) > 1
+  ring = split_rows and config.dit.get("context_parallel", "") == "ring"
+  kernel_flops, kernel_bytes = attention_kernel_cost(config, terms, rows, length, k * s, ring_self_attention=ring)
   return shapes, dict(
       model_flops=model_flops, kernel_flops=kernel_flops, kernel_bytes=kernel_bytes,
       units={"tokens": rows * length},
@@ -168,25 +172,30 @@ def uses_pallas_attention(config) -> bool:
   return config.dit.get("attention_impl", "") == "splash"
 
 
-def attention_kernel_cost(config, terms, rows, length, text_slots):
+def attention_kernel_cost(config, terms, rows, length, text_slots, ring_self_attention=False):
   """(FLOPs, HBM bytes) of one train step's attention when it runs in Pallas kernels.
 
   FLOPs: vidsim's attention terms (self, cross, text encoder; forward x 3 for the
-  train step), the full square of every row, so a row of one long clip. Rows packed
-  with several clips skip the blocks between them and do less; the kernels' backward
-  recomputes the logits and does more. Bytes: a flash-style kernel streams K and V
-  once per query block (block_q tokens), so forward + backward move about
-  3 x rows x heads x (L / block_q) x keys x 2 x head_dim elements.
+  train step) over the full square of every row. That is the kernel's work however
+  the row is packed: splash skips only the blocks its static mask rules out (here a
+  full mask), and segment ids mask elements inside every block it visits. The
+  kernels' backward recomputes the logits, and dit.remat=full reruns the forward:
+  more work than counted, so the bound stays a lower bound. Bytes: a flash-style
+  kernel streams K and V once per query block (block_q tokens), so forward +
+  backward move about 3 x rows x heads x (L / block_q) x keys x 2 x head_dim elements.
+  With ring context parallelism self-attention runs as XLA einsums over K/V blocks
+  (vidsim.models.attention.ring_attention): the compiler counts it, so it is left out.
   """
   if not uses_pallas_attention(config):
     return 0.0, 0.0
-  flops = 3 * sum(v for name, v in terms.items() if name.endswith("attn"))
+  kernel_terms = [n for n in terms if n.endswith("attn") and not (ring_self_attention and n == "blocks/self_attn")]
+  flops = 3 * sum(terms[n] for n in kernel_terms)
   d = config.dit
   head_dim = d.width // d.heads
   itemsize = 2 if d.dtype == "bfloat16" else 4
   block_q = _block_q(config, length)
   per_pass = lambda keys: rows * d.heads * math.ceil(length / block_q) * keys * 2 * head_dim * itemsize
-  nbytes = 3 * d.depth * (per_pass(length) + per_pass(text_slots))
+  nbytes = 3 * d.depth * ((0 if ring_self_attention else per_pass(length)) + per_pass(text_slots))
   return float(flops), float(nbytes)
 
 
@@ -278,6 +287,7 @@ def _report(config, topology, mesh, stage, program, compiled, lower_s, compile_s
       "loop_flops_factor": loops["flops"], "loop_bytes_factor": loops["bytes"],
       "loops": [{"body": body, "trips": trips} for body, trips in loops["loops"]],
       "flops_with_loops": flops * loops["flops"], "bytes_with_loops": nbytes * loops["bytes"],
+      "collective_bytes": loops["collective_bytes"],
   }
   report["estimate"] = estimate(report["compiler_cost_per_chip"], program, topology)
   return report
@@ -293,6 +303,7 @@ def estimate(cost, program, topology):
   kernel_flops, kernel_bytes = program.kernel_flops / chips, program.kernel_bytes / chips
   kernel_s = max(kernel_flops / g.peak_bf16_flops, kernel_bytes / g.hbm_bytes_per_s)
   step_s = xla_s + kernel_s
+  sent = sum(cost.get("collective_bytes", {}).values())
   out = {
       "method": (
           "roofline lower bound per chip: max(compiler FLOPs / peak bf16 FLOP/s, compiler bytes / HBM bytes/s), "
@@ -309,6 +320,9 @@ def estimate(cost, program, topology):
       "kernel_bytes_per_chip": kernel_bytes,
       "kernel_s": kernel_s,
       "step_time_s": step_s,
+      # Not in the bound: XLA overlaps collectives with compute where it can.
+      "collective_bytes_per_chip": sent,
+      "collectives_s_if_not_overlapped": sent / g.ici_bytes_per_s,
       "bound_by": "memory" if memory_s > compute_s else "compute",
   }
   if step_s > 0:
@@ -475,6 +489,10 @@ def format_report(r) -> str:
     rate = "; ".join(f"{v:,.0f} {k[:-len('_per_s_per_chip')]}/s/chip" for k, v in e.items() if k.endswith("_per_s_per_chip"))
     lines.append(f"  estimated step time >= {_ms(e['step_time_s'])} ({e['bound_by']}-bound XLA part), "
                  f"MFU <= {100 * e.get('mfu', 0):.1f}%, {rate}")
+    if e.get("collective_bytes_per_chip"):
+      kinds = ", ".join(f"{k} {_gib(v)}" for k, v in sorted(c["collective_bytes"].items(), key=lambda kv: -kv[1]))
+      lines.append(f"  collectives per chip: {_gib(e['collective_bytes_per_chip'])} ({kinds}); "
+                   f"{_ms(e['collectives_s_if_not_overlapped'])} at the chip's ICI bandwidth if not overlapped")
     lines.append(f"  ({e['method']})")
   m = r["machine"]
   lines.append(f"  compiled in {r['compile_s']:.1f} s on {m['cpu']} ({m['cores']} cores)")

@@ -1,4 +1,5 @@
-"""How much a compiled program's loops multiply its cost, read from the optimized HLO text.
+"""How much a compiled program's loops multiply its cost, and what its collectives move,
+read from the optimized HLO text.
 
 XLA's `cost_analysis()` counts the body of a `while` loop once, whatever its trip
 count. vidsim's models scan their layers (nnx.scan -> while), so a 16-layer DiT's
@@ -7,7 +8,9 @@ module's call graph, takes each while loop's trip count from its condition (`i <
 as lax.scan writes it), and counts matmul FLOPs (dot / convolution) and the HBM
 bytes of top-level instructions (operands + results) twice: each computation once,
 as cost_analysis does, and each times its loops' trip counts. The ratios scale the
-compiler's own counts; a rough per-instruction formula cancels in a ratio.
+compiler's own counts; a rough per-instruction formula cancels in a ratio. The bytes
+each chip sends in collectives (all-gather, reduce-scatter, all-reduce, all-to-all,
+collective-permute), loops included, are summed per kind.
 """
 
 import math
@@ -241,11 +244,15 @@ def loop_factors(hlo_text):
   flops = {name: 0.0 for name in computations}
   nbytes = {name: 0.0 for name in computations}
   edges = {name: [] for name in computations}  # caller -> [(callee, trips, moves_bytes)]
+  comm = {name: {} for name in computations}  # collective kind -> bytes
   loops = []
   for c in computations.values():
     for name, type_text, opcode, operands, attrs in c.instructions:
       if opcode in ("dot", "convolution"):
         flops[c.name] += _matmul_flops(c, type_text, opcode, operands, attrs)
+      if opcode in _COLLECTIVES:
+        kind = opcode.replace("-start", "")
+        comm[c.name][kind] = comm[c.name].get(kind, 0.0) + _collective_bytes(c, kind, type_text, operands)
       called = dict((kind, callee) for kind, callee in _CALLED.findall(attrs))
       if opcode == "while" and "body" in called:
         trips = _trip_count(attrs, computations.get(called.get("condition")), computations.get(called["body"]),
@@ -261,6 +268,7 @@ def loop_factors(hlo_text):
       if opcode not in _NO_BYTES:
         nbytes[c.name] += _instruction_bytes(c, type_text, opcode, operands, attrs, computations)
   totals = {}
+  collectives = {}
   for with_trips in (True, False):
     f = b = 0.0
     stack = [(entry, 1, True)]
@@ -270,6 +278,9 @@ def loop_factors(hlo_text):
         continue
       f += times * flops[name]
       b += times * nbytes[name] if moves else 0.0
+      if with_trips:
+        for kind, value in comm[name].items():
+          collectives[kind] = collectives.get(kind, 0.0) + times * value
       for callee, trips, callee_moves in edges[name]:
         stack.append((callee, times * (trips if with_trips else 1), moves and callee_moves))
     totals[with_trips] = (f, b)
@@ -280,4 +291,22 @@ def loop_factors(hlo_text):
       "loops": loops,
       "matmul_flops": f_all,
       "bytes_accessed": b_all,
+      "collective_bytes": collectives,
   }
+
+
+# Async collectives are counted at their -start; the -done moves nothing new.
+_COLLECTIVES = {"all-gather", "all-gather-start", "all-reduce", "all-reduce-start", "reduce-scatter",
+                "all-to-all", "collective-permute", "collective-permute-start", "ragged-all-to-all"}
+
+
+def _collective_bytes(c, kind, type_text, operands):
+  """Bytes one chip sends for a collective, roughly: an all-gather's result, an
+  all-reduce twice its operand (reduce-scatter + all-gather), otherwise its operand."""
+  arrays = [_DTYPE_BYTES[d] * math.prod(dims) for d, dims in _arrays(type_text)]
+  operand = sum(_nbytes(c.types.get(r, "")) for r in _refs(operands))
+  if kind == "all-gather":
+    return max(arrays, default=0.0)
+  if kind == "all-reduce":
+    return 2.0 * operand
+  return operand
