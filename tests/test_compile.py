@@ -6,6 +6,7 @@ by hand (docs/scale.md), not here.
 
 import importlib.util
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +44,8 @@ def test_tiny_dit_compiles_for_v5p_8_and_reports_hbm_and_an_estimate(tiny_report
   e = r["estimate"]
   assert e["step_time_s"] > 0 and 0 < e["mfu"] < 1 and e["tokens_per_s_per_chip"] > 0
   assert "bound, not a measurement" in e["method"]
+  # The settings that quiet libtpu's start are gone: init_distributed would read them as a pod.
+  assert "TPU_WORKER_HOSTNAMES" not in os.environ
 
 
 @needs_libtpu

@@ -80,15 +80,19 @@ def compile_only_devices(topology):
   # a TPU VM). The compile target is get_topology_desc's arguments, not these. A compile
   # uses no TPU, so it need not hold libtpu's one-process-per-host lock either: two
   # compiles (or a compile beside a test run) may run at once.
-  for name, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_ACCELERATOR_TYPE", topology.accelerator_type),
-                      ("TPU_WORKER_HOSTNAMES", "localhost"), ("TPU_WORKER_ID", "0"),
-                      ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
-    os.environ.setdefault(name, value)
-  desc = topologies.get_topology_desc(
-      platform="tpu", topology_name=topology.topology_name,
-      chip_config_name=topology.generation.chip_config,
-      chips_per_host_bounds=topology.chips_per_host_bounds, num_slices=topology.slices,
-  )
+  quiet = {"TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": topology.accelerator_type,
+           "TPU_WORKER_HOSTNAMES": "localhost", "TPU_WORKER_ID": "0", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+  added = [name for name in quiet if name not in os.environ]
+  os.environ.update({name: quiet[name] for name in added})
+  try:  # libtpu reads them once, at initialisation; the rest of the process must not see them.
+    desc = topologies.get_topology_desc(
+        platform="tpu", topology_name=topology.topology_name,
+        chip_config_name=topology.generation.chip_config,
+        chips_per_host_bounds=topology.chips_per_host_bounds, num_slices=topology.slices,
+    )
+  finally:
+    for name in added:
+      os.environ.pop(name, None)
   devices = list(desc.devices)
   if len(devices) != topology.total_chips:
     raise RuntimeError(f"libtpu gave {len(devices)} devices for {topology.name} x {topology.slices}, "
