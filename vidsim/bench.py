@@ -185,8 +185,9 @@ def peer_arguments(config, segments_per_row=2):
   problems = []
   if d.mlp != "swiglu" or d.mlp_ratio != 4.0:
     problems.append(f"dit.mlp={d.mlp!r}, dit.mlp_ratio={d.mlp_ratio} (the peer: swiglu, 4.0)")
-  if not d.qk_norm or t.encoder != "bytes" or t.heads != 4 or d.position_embedding != "none":
-    problems.append("the peer has QK-norm, a byte text encoder of 4 heads and no sincos position embedding")
+  # dit.position_embedding="sincos" (an elementwise add the peer lacks) is let through.
+  if not d.qk_norm or t.encoder != "bytes" or t.heads != 4:
+    problems.append("the peer has QK-norm and a byte text encoder of 4 heads")
   per_segment = tc.row_tokens // segments_per_row
   if per_segment % 32:
     problems.append(f"train.row_tokens / {segments_per_row} = {per_segment} tokens a sample: the peer needs a multiple of 32")
