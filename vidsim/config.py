@@ -182,6 +182,9 @@ def base_config() -> ConfigDict:
   # encodes only the captions those blocks use (models/dit.py); other batches take the
   # general path (both are compiled). 0: the general path only.
   c.dit.segment_blocks = 0
+  # Blocks per iteration of the scanned stack (jax.lax.scan unroll): 1 = a loop over the
+  # blocks; the depth = no loop (longer compile; XLA sees every block).
+  c.dit.scan_unroll = 1
 
   # ---------------------------------------------------------------- text conditioning
   c.text = ConfigDict()

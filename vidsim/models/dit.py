@@ -94,6 +94,7 @@ class DiT(nnx.Module):
   def _build(self, d, text, latent_channels, rngs):
     self.dtype = layers.compute_dtype(d.dtype)
     self.remat = d.remat
+    self.scan_unroll = d.get("scan_unroll", 1)  # Configs saved before the key existed: 1.
     self.rope_theta = d.rope_theta
     if d.position_embedding not in POSITION_EMBEDDINGS:
       raise UsageError(f"dit.position_embedding={d.position_embedding!r}; valid: {', '.join(POSITION_EMBEDDINGS)}")
@@ -196,7 +197,8 @@ class DiT(nnx.Module):
     time = self.time_embed(t)  # [R, L, W]
     time_mod = self.time_modulation(jax.nn.silu(time)).reshape(r, l, MODULATIONS, -1)
     x = layers.run_layers(
-        self.blocks, x, time_mod, rope, segment_ids, context, key_segments, remat=self.remat
+        self.blocks, x, time_mod, rope, segment_ids, context, key_segments, remat=self.remat,
+        unroll=self.scan_unroll,
     )
     shift, scale = jnp.unstack(self.final_modulation[...].astype(time.dtype) + time[:, :, None], axis=2)
     v = self.final(layers.modulate(layers.layer_norm(x), shift, scale))
