@@ -22,6 +22,9 @@ def get_config():
   c.dit.mlp = "swiglu"  # XLA:CPU fuses GELU's backward with a transpose into a slow loop.
   c.dit.remat = "dots"  # Recomputing attention is cheaper than storing [layers, R, H, L, L] probabilities.
   c.dit.attention_impl = "einsum"  # Faster than jax.nn.dot_product_attention's XLA path here.
+  # The bench rows hold two 512-token segments: run them as blocks of 512 (attention pairs
+  # across segments and the unused caption slots are never computed; models/dit.py).
+  c.dit.segment_blocks = 2
   c.train.row_tokens = 1024
   c.train.rows_per_batch = 2
   c.train.max_segments_per_row = 4  # Text slots per row: 4 x 64 bytes.

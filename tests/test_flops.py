@@ -97,3 +97,23 @@ def test_param_count_matches_a_built_model(mlp):
   model = DiT(c.dit, c.text, c.vae.latent_channels, rngs=nnx.Rngs(0))
   built = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   assert dit_param_count(c) == built
+
+
+def test_useful_and_executed_work_of_a_packed_batch():
+  """Row 0: segments of 4 and 3 tokens + 1 padding; row 1: one of 4 + padding (L = 8, K = 2)."""
+  import numpy as np
+  from vidsim.models.flops import Work, batch_work
+
+  c = small_config()
+  ids = np.array([[1, 1, 1, 1, 2, 2, 2, 0], [1, 1, 1, 1, 0, 0, 0, 0]], np.int32)
+  batch = {"segment_ids": ids, "text_mask": np.ones((2, K, S), bool)}
+  assert batch_work(c, batch, "useful") == Work(image_tokens=11, self_pairs=16 + 9 + 16, captions=3,
+                                                cross_pairs=11 * S)
+  assert batch_work(c, batch, "executed") == Work(image_tokens=16, self_pairs=2 * 64, captions=2 * K,
+                                                  cross_pairs=16 * K * S)
+  with c.unlocked():
+    c.dit.segment_blocks = 2  # Both rows align to blocks of 4: each block one segment.
+  assert batch_work(c, batch, "executed") == Work(image_tokens=16, self_pairs=2 * 2 * 16, captions=2 * 2,
+                                                  cross_pairs=16 * S)
+  ids[1, 4] = 1  # Segment 1 now reaches into block 2: the general path runs.
+  assert batch_work(c, batch, "executed").self_pairs == 2 * 64

@@ -14,6 +14,7 @@ from flax import nnx
 
 from vidsim import config as config_lib
 from vidsim import mesh as mesh_lib
+from vidsim.errors import UsageError
 from vidsim.train import goodput, loop, optim, stage
 from vidsim.train.metrics import read_metrics
 
@@ -211,3 +212,30 @@ def test_goodput_counts_every_attempt_and_the_steps_a_restart_redid(tmp_path):
   assert second["redone_steps"] == 0 and account["wall_s"] == pytest.approx(40.0)
   assert account["goodput"] == pytest.approx((6.0 + 10.0) / 40.0)
   assert "redone by the next attempt" in goodput.format_account({"dit": account})
+
+
+def test_profile_steps_write_a_trace(tmp_path):
+  config = _config(steps=4)
+  with config.unlocked():
+    config.profile.steps = "2,3"
+  mesh = mesh_lib.make_mesh(config)
+  loop.run(_spec(config, mesh), config, tmp_path, mesh)
+  traces = list((tmp_path / "toy" / "profile").rglob("*.xplane.pb"))
+  assert traces and all(t.stat().st_size > 0 for t in traces)
+
+
+@pytest.mark.parametrize("text,bounds", [("", None), ("10,15", (10, 15)), ("7", (7, 7))])
+def test_profile_steps_parse(text, bounds):
+  config = _config()
+  with config.unlocked():
+    config.profile.steps = text
+  assert loop.profile_steps(config) == bounds
+
+
+@pytest.mark.parametrize("text", ["15,10", "0,3", "a,b", "1,2,3"])
+def test_profile_steps_refuse_bad_ranges(text):
+  config = _config()
+  with config.unlocked():
+    config.profile.steps = text
+  with pytest.raises(UsageError, match="profile.steps"):
+    loop.profile_steps(config)

@@ -5,13 +5,18 @@ so MFU is against what this machine really does, and reports model FLOPs counted
 explicitly (vidsim/models/flops.py, vae_flops). Results go to docs/benchmarks.md.
   data        decode + transform throughput with 0, 1, 2 grain workers
   vae         VAE train step time and MFU, encode clips/s
-  dit         DiT train step time, tokens/s and MFU on packed rows
+  dit         DiT train step time, tokens/s and MFU on packed rows (--peer-seconds S: and
+              the ratio to a peer's step time)
+  compare     the DiT step and the PyTorch peer (../shared/peers/torch_dit.py) at the same
+              shape, alternated in one sitting: min / median / max of each and their ratio
   checkpoint  how long an async save blocks the loop, restore, restore onto another mesh
   text        captions per second of the byte encoder and of the text.t5_path T5/UMT5 (tokenizer included)
 """
 
 import json
+import os
 import platform
+import subprocess
 import tempfile
 import time
 
@@ -31,6 +36,7 @@ from vidsim.models import t5 as t5_lib
 from vidsim.models import t5_loader
 from vidsim.models import text as text_lib
 from vidsim.models import vae as vae_lib
+from vidsim.models.dit import patch_features
 from vidsim.train import checkpoint as ckpt_lib
 from vidsim.train import dit_step
 from vidsim.train.metrics import measure_matmul_flops_per_s
@@ -41,7 +47,7 @@ log = get_logger("bench")
 
 def run_bench(args, config):
   benchmarks = {"data": _bench_data, "vae": bench_vae, "dit": bench_dit, "checkpoint": bench_checkpoint,
-                "text": bench_text}
+                "text": bench_text, "compare": lambda c: bench_compare(c, args)}
   if args.what not in benchmarks:
     raise UsageError(f"unknown benchmark {args.what!r}; choose from {sorted(benchmarks)}")
   result = {"benchmark": args.what, "config": args.config, **_machine()}
@@ -49,6 +55,12 @@ def run_bench(args, config):
   result.update(benchmarks[args.what](config))
   if "flops_per_s" in result:
     result["mfu"] = result["flops_per_s"] / result["matmul_flops_per_s"]
+  if "executed_flops_per_s" in result:
+    result["executed_mfu"] = result["executed_flops_per_s"] / result["matmul_flops_per_s"]
+  peer = getattr(args, "peer_seconds", None)
+  if peer and "step_time_s" in result:
+    result["peer_step_time_s"] = peer
+    result["ratio"] = result["step_time_s"] / peer  # <= 1: vidsim's step is no slower.
   text = json.dumps(result, indent=2, default=float)
   print(text)
   if args.out:
@@ -63,9 +75,21 @@ def _machine():
       "backend": jax.default_backend(),
       "devices": jax.device_count(),
       "device_kind": jax.devices()[0].device_kind,
-      "cpu": platform.processor() or platform.machine(),
+      "cpu": _cpu_model(),
+      "cores": os.cpu_count(),
       "malloc_hugepages": malloc.hugepages_active(),  # vidsim/malloc.py: ~13% of a DiT step on CPU.
   }
+
+
+def _cpu_model():
+  """`lscpu`'s model name (platform.processor() is empty on many Linux hosts)."""
+  try:
+    for line in open("/proc/cpuinfo"):
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
 
 
 def _bench_data(config):
@@ -90,7 +114,9 @@ def _time_steps(step, state, batch, warmup, steps):
 
 
 def synthetic_packed_batch(config, rows=None, segments_per_row=2, seed=0):
-  """Full rows of `segments_per_row` equal video segments, random latents and captions."""
+  """Full rows of `segments_per_row` equal video segments (4 frames of tokens/4 each, 8
+  tokens wide), random latents, one caption per segment (the other slots empty, as the
+  packer leaves them)."""
   tc = config.train
   rows = rows or tc.rows_per_batch
   length = tc.row_tokens
@@ -107,7 +133,7 @@ def synthetic_packed_batch(config, rows=None, segments_per_row=2, seed=0):
   positions = np.concatenate([np.tile(positions, (segments_per_row, 1)), np.zeros((length - segments_per_row * per_segment, 3), int)])
   segment_frames = np.zeros((k,), np.int32)
   segment_frames[:segments_per_row] = frames
-  captions = ["a red 3 moves left while a blue 7 falls"] * k
+  captions = ["a red 3 moves left while a blue 7 falls"] * segments_per_row + [""] * (k - segments_per_row)
   ids, mask = text_lib.tokenize_bytes(captions, config.text.max_length)
   batch = {
       "tokens": rng.standard_normal((rows, length, patch_dim)).astype(np.float32),
@@ -135,14 +161,88 @@ def bench_dit(config):
     host = synthetic_packed_batch(config)
     batch = mesh_lib.make_global_batch(host, mesh, config)
     _, seconds, times = _time_steps(step, state, batch, config.bench.warmup, config.bench.steps)
-  flops = dit_step.flops_for_batch(config, host)
+  flops = dit_step.flops_for_batch(config, host, "useful")
+  executed = dit_step.flops_for_batch(config, host, "executed")
   tokens = host["segment_ids"].size
   return {
       "model": {"width": config.dit.width, "depth": config.dit.depth, "heads": config.dit.heads,
                 "params": flops_lib.dit_param_count(config)},
       "rows": host["segment_ids"].shape[0], "row_tokens": config.train.row_tokens,
+      "segments_per_row": 2, "segment_blocks": config.dit.get("segment_blocks", 0),
       "step_time_s": seconds, "step_times_s": times, "tokens_per_s": tokens / seconds,
+      # MFU counts the useful work (within-segment attention, the captions in use);
+      # executed is what the step computes (see vidsim/models/flops.py).
       "flops_per_step": flops, "flops_per_s": flops / seconds,
+      "executed_flops_per_step": executed, "executed_flops_per_s": executed / seconds,
+  }
+
+
+# ------------------------------------------------------------------ DiT vs the PyTorch peer
+
+
+def peer_arguments(config, segments_per_row=2):
+  """The peer's command-line shape for the bench batch of this config: each segment of the
+  synthetic rows is one of its samples. Raises UsageError where the peer cannot build the
+  same model."""
+  d, t, tc = config.dit, config.text, config.train
+  problems = []
+  if d.mlp != "swiglu" or d.mlp_ratio != 4.0:
+    problems.append(f"dit.mlp={d.mlp!r}, dit.mlp_ratio={d.mlp_ratio} (the peer: swiglu, 4.0)")
+  # dit.position_embedding="sincos" (an elementwise add the peer lacks) is let through.
+  if not d.qk_norm or t.encoder != "bytes" or t.heads != 4:
+    problems.append("the peer has QK-norm and a byte text encoder of 4 heads")
+  per_segment = tc.row_tokens // segments_per_row
+  if per_segment % 32:
+    problems.append(f"train.row_tokens / {segments_per_row} = {per_segment} tokens a sample: the peer needs a multiple of 32")
+  if problems:
+    raise UsageError("bench compare: the peer cannot run this config's model: " + "; ".join(problems))
+  return ["--samples", str(tc.rows_per_batch * segments_per_row), "--tokens", str(per_segment),
+          "--width", str(d.width), "--depth", str(d.depth), "--heads", str(d.heads),
+          "--caption", str(t.max_length), "--patch-features", str(patch_features(config)),
+          "--text-width", str(t.width), "--text-depth", str(t.depth)]
+
+
+def run_peer(python, script, arguments):
+  """One peer process: 2 untimed steps, 5 timed; its JSON line (step_s_median, step_s_min)."""
+  done = subprocess.run([python, script, "eager", *arguments], capture_output=True, text=True, check=False)
+  if done.returncode:
+    raise UsageError(f"the peer {script} failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
+  return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def bench_compare(config, args):
+  """vidsim's DiT step and the PyTorch peer at the same shape, alternated `--rounds` times
+  in one sitting: each round runs the peer (its own process: 2 + 5 steps) and then times
+  bench.steps vidsim steps on the state compiled once. Each round gives each side's median
+  step; the report has min / median / max over the rounds and the ratio of the medians."""
+  script = epath.Path(args.peer or os.environ.get("VIDSIM_PEER", "../shared/peers/torch_dit.py"))
+  python = args.peer_python or os.environ.get("VIDSIM_PEER_PYTHON", "python3")
+  if not script.exists():
+    raise UsageError(f"bench compare: no peer script at {script}; pass --peer PATH or set VIDSIM_PEER")
+  arguments = peer_arguments(config)
+  mesh = mesh_lib.make_mesh(config)
+  with mesh_lib.activate(mesh, config):
+    _, state, step = _stage_setup(config, mesh, "dit")
+    host = synthetic_packed_batch(config)
+    batch = mesh_lib.make_global_batch(host, mesh, config)
+    for _ in range(config.bench.warmup):  # Compiles.
+      state, _ = step(state, batch)
+    ours, theirs = [], []
+    for round_ in range(args.rounds):
+      peer = run_peer(python, str(script), arguments)
+      theirs.append(peer["step_s_median"])
+      state, seconds, _ = _time_steps(step, state, batch, 0, config.bench.steps)
+      ours.append(seconds)
+      log.info("round %d: vidsim %.3f s, peer %.3f s", round_ + 1, seconds, theirs[-1])
+  spread = lambda xs: {"min": min(xs), "median": float(np.median(xs)), "max": max(xs)}
+  useful = dit_step.flops_for_batch(config, host, "useful")
+  return {
+      "peer": str(script), "peer_arguments": " ".join(arguments), "peer_threads": peer["threads"],
+      "rounds": args.rounds, "step_time_s": float(np.median(ours)), "vidsim_step_s": spread(ours),
+      "peer_step_s": spread(theirs), "vidsim_step_each_s": ours, "peer_step_each_s": theirs,
+      "ratio": float(np.median(ours) / np.median(theirs)),  # <= 1: vidsim's step is no slower.
+      "flops_per_step": useful, "flops_per_s": useful / float(np.median(ours)),
+      "executed_flops_per_step": dit_step.flops_for_batch(config, host, "executed"),
   }
 
 

@@ -139,6 +139,11 @@ def _bench_cmd(sub):
   p.add_argument("what", help="which benchmark (see docs/benchmarks.md)")
   _add_config_arg(p)
   p.add_argument("--out", default="", help="JSON report path")
+  p.add_argument("--peer-seconds", type=float, default=None,
+                 help="dit: a peer's step time on this machine; the report adds peer_step_time_s and ratio")
+  p.add_argument("--peer", default="", help="compare: the peer script (default $VIDSIM_PEER or ../shared/peers/torch_dit.py)")
+  p.add_argument("--peer-python", default="", help="compare: the python that runs it (default $VIDSIM_PEER_PYTHON or python3)")
+  p.add_argument("--rounds", type=int, default=3, help="compare: alternations of peer and vidsim")
   return p
 
 

@@ -189,6 +189,14 @@ def base_config() -> ConfigDict:
       )
   )
   c.dit.dtype = "float32"  # Compute dtype: float32 | bfloat16 (params stay float32).
+  # n > 1: when every row of a batch splits into n equal blocks that each hold at most one
+  # segment (plus padding), the step runs the rows as n x as many rows of L/n tokens and
+  # encodes only the captions those blocks use (models/dit.py); other batches take the
+  # general path (both are compiled). 0: the general path only.
+  c.dit.segment_blocks = 0
+  # Blocks per iteration of the scanned stack (jax.lax.scan unroll): 1 = a loop over the
+  # blocks; the depth = no loop (longer compile; XLA sees every block).
+  c.dit.scan_unroll = 1
 
   # ---------------------------------------------------------------- text conditioning
   c.text = ConfigDict()
@@ -269,6 +277,12 @@ def base_config() -> ConfigDict:
   c.eval.ceiling_count = 100  # True clips per probe for its ceiling and chance.
 
   # ---------------------------------------------------------------- benchmarks
+  # ---------------------------------------------------------------- profiling
+  c.profile = ConfigDict()
+  # "A,B": a jax profiler trace of train steps A to B (1-based, inclusive) of each stage run,
+  # under W/<stage>/profile/ (TensorBoard's profile plugin / XProf). "A": step A alone. "": off.
+  c.profile.steps = ""
+
   c.bench = ConfigDict()
   c.bench.steps = 5  # Timed steps per benchmark (after warmup).
   c.bench.warmup = 2  # Untimed steps (compilation).

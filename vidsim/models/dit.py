@@ -20,6 +20,12 @@ text {text_tokens | text_embeddings, text_mask [R, K, S]}, drop_text [R, K]) -> 
   linear would cost 6 width^2 per token per block, +43% on a block's 14 width^2.
 - Caption dropout: where drop_text[r, k], segment k+1 sees a learned null caption
   (all S positions valid) instead: the unconditional branch of CFG.
+- Aligned rows (dit.segment_blocks = n > 1): when every row of the batch splits into n
+  equal blocks that each hold at most one segment (`segments_in_blocks`, checked on the
+  device), the rows run as R*n rows of L/n tokens, each reading and encoding only its own
+  segment's caption: the same v for every token, without the attention pairs across
+  segments (masked out anyway) or the unused caption slots. Other batches take the
+  general path (nnx.cond; both are compiled).
 - Blocks are stacked with nnx.scan (params have a leading "layers" axis), with a
   configurable remat policy; activations are constrained at block boundaries.
 """
@@ -28,6 +34,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from vidsim import mesh as mesh_lib
@@ -87,10 +94,15 @@ class DiT(nnx.Module):
   def _build(self, d, text, latent_channels, rngs):
     self.dtype = layers.compute_dtype(d.dtype)
     self.remat = d.remat
+    self.scan_unroll = d.get("scan_unroll", 1)  # Configs saved before the key existed: 1.
     self.rope_theta = d.rope_theta
     if d.position_embedding not in POSITION_EMBEDDINGS:
       raise UsageError(f"dit.position_embedding={d.position_embedding!r}; valid: {', '.join(POSITION_EMBEDDINGS)}")
     self.position_embedding = d.position_embedding
+    blocks = d.get("segment_blocks", 0)  # Configs saved before the key existed.
+    if blocks < 0:
+      raise UsageError(f"dit.segment_blocks={blocks}; use 0 (off) or the blocks per row")
+    self.segment_blocks = int(blocks)
     self.head_dim = d.width // d.heads
     layers.rope_pairs(self.head_dim)  # Fails early on a head too small for 3D RoPE.
     self.patch_dim = math.prod(d.patch_size) * latent_channels
@@ -123,18 +135,15 @@ class DiT(nnx.Module):
     )
 
   def encode_text(self, text, drop_text):
-    """Captions -> context [R, K*S, C] and its key segment ids [R, K*S]: k + 1 for a
-    valid position of caption slot k, 0 for a masked one."""
+    """Captions [R, K, S] -> context [R, K, S, C] and its valid positions [R, K, S]; a
+    slot with drop_text[r, k] gets the null caption, all S positions valid."""
     context, mask = self.text(text)
-    r, k, s, c = context.shape
+    r, k = context.shape[:2]
     if drop_text.shape != (r, k):
       raise UsageError(f"drop_text has shape {drop_text.shape}, expected [R, K] = {(r, k)}")
     drop = drop_text.astype(bool)
     context = jnp.where(drop[:, :, None, None], self.null_text[...].astype(context.dtype), context)
-    mask = mask | drop[:, :, None]
-    slots = jnp.arange(1, k + 1, dtype=jnp.int32)[None, :, None]
-    key_segments = jnp.where(mask, slots, 0).reshape(r, k * s)
-    return context.reshape(r, k * s, c), key_segments
+    return context, mask | drop[:, :, None]
 
   def __call__(self, x_t, t, positions, segment_ids, text, drop_text):
     r, l, p = x_t.shape
@@ -143,9 +152,44 @@ class DiT(nnx.Module):
           f"tokens have {p} features, the model expects prod(dit.patch_size) * vae.latent_channels = {self.patch_dim}"
       )
     segment_ids = segment_ids.astype(jnp.int32)
-    context, key_segments = self.encode_text(text, drop_text)
-    rope = layers.rope_angles(positions, self.head_dim, self.rope_theta)
+    args = (x_t, t, positions, segment_ids, text, drop_text)
+    n = self.segment_blocks
+    if n > 1 and l % n == 0:
+      # Both paths compute the same v for every token; the blocked one skips the
+      # cross-block attention pairs and the captions no block uses.
+      aligned = segments_in_blocks(segment_ids, n, drop_text.shape[1])
+      # nnx.cond, not jax.lax.cond: the branches run the nnx.scan'd blocks of `model`.
+      return nnx.cond(aligned, lambda model, *a: model._blocked(n, *a), lambda model, *a: model._dense(*a), self, *args)
+    return self._dense(*args)
 
+  def _dense(self, x_t, t, positions, segment_ids, text, drop_text):
+    """The general path: every row attends over its whole length (masked by segment) and
+    every token's cross-attention keys are all K caption slots (masked to its own)."""
+    context, mask = self.encode_text(text, drop_text)
+    r, k, s, c = context.shape
+    slots = jnp.arange(1, k + 1, dtype=jnp.int32)[None, :, None]
+    key_segments = jnp.where(mask, slots, 0).reshape(r, k * s)
+    return self._body(x_t, t, positions, segment_ids, context.reshape(r, k * s, c), key_segments)
+
+  def _blocked(self, n, x_t, t, positions, segment_ids, text, drop_text):
+    """Rows of n aligned blocks (segments_in_blocks holds) run as R*n rows of L/n tokens:
+    attention pairs across blocks, which the segment mask zeroes anyway, are never
+    formed, and each block reads and encodes only its own segment's caption."""
+    r, l, p = x_t.shape
+    b = l // n
+    block_ids = segment_ids.reshape(r, n, b).max(-1)  # [R, n]: the block's segment, 0 if empty.
+    slot = jnp.clip(block_ids - 1, 0, drop_text.shape[1] - 1)
+    take = lambda a: jnp.take_along_axis(a, slot.reshape((r, n) + (1,) * (a.ndim - 2)), axis=1)
+    context, mask = self.encode_text({key: take(v) for key, v in text.items()}, take(drop_text))
+    s, c = context.shape[2:]
+    key_segments = jnp.where(mask, block_ids[:, :, None], 0).reshape(r * n, s)
+    rows = lambda a: a.reshape((r * n, b) + a.shape[2:])
+    v = self._body(rows(x_t), rows(t), rows(positions), rows(segment_ids), context.reshape(r * n, s, c), key_segments)
+    return v.reshape(r, l, p)
+
+  def _body(self, x_t, t, positions, segment_ids, context, key_segments):
+    r, l, _ = x_t.shape
+    rope = layers.rope_angles(positions, self.head_dim, self.rope_theta)
     x = self.patch_embed(x_t.astype(self.dtype))
     if self.position_embedding == "sincos":
       x = x + layers.sincos_position_embedding(positions, x.shape[-1]).astype(x.dtype)
@@ -153,8 +197,26 @@ class DiT(nnx.Module):
     time = self.time_embed(t)  # [R, L, W]
     time_mod = self.time_modulation(jax.nn.silu(time)).reshape(r, l, MODULATIONS, -1)
     x = layers.run_layers(
-        self.blocks, x, time_mod, rope, segment_ids, context, key_segments, remat=self.remat
+        self.blocks, x, time_mod, rope, segment_ids, context, key_segments, remat=self.remat,
+        unroll=self.scan_unroll,
     )
     shift, scale = jnp.unstack(self.final_modulation[...].astype(time.dtype) + time[:, :, None], axis=2)
     v = self.final(layers.modulate(layers.layer_norm(x), shift, scale))
     return v.astype(jnp.float32)
+
+
+def segments_in_blocks(segment_ids, n: int, slots: int):
+  """bool scalar: every row of segment_ids [R, L] splits into n blocks of L/n tokens that
+  each hold at most one segment id > 0, no id occurs in two blocks of a row, and every
+  id has a caption slot (id <= slots). Then attention within blocks is the same as
+  attention within segments. Host arrays (numpy) are checked with numpy, so the FLOP
+  count of a batch needs no device."""
+  xp = jnp if isinstance(segment_ids, jax.Array) else np
+  r, l = segment_ids.shape
+  ids = segment_ids.reshape(r, n, l // n)
+  top = ids.max(-1)
+  low = xp.where(ids > 0, ids, np.iinfo(np.int32).max).min(-1)
+  one_each = (top == 0) | (low == top)
+  ordered = xp.sort(top, axis=-1)
+  repeated = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] > 0)
+  return one_each.all() & ~repeated.any() & (top <= slots).all() & (ids.min() >= 0)

@@ -297,10 +297,12 @@ def stack_layers(make_layer, depth, rngs):
   return make(rngs)
 
 
-def run_layers(layers, x, *shared, remat="none"):
+def run_layers(layers, x, *shared, remat="none", unroll=1):
   """x -> layer_n(...layer_1(x, *shared)..., *shared) with nnx.scan over the stack.
 
-  remat: none | full | dots (jax.checkpoint policy per layer)."""
+  remat: none | full | dots (jax.checkpoint policy per layer). unroll: layers per scan
+  iteration (jax.lax.scan's unroll; the depth or True: no loop, so XLA sees every layer
+  and skips the loop's stacking of residuals and gradients)."""
 
   def body(carry, layer, *args):
     return layer(carry, *args)
@@ -309,7 +311,11 @@ def run_layers(layers, x, *shared, remat="none"):
     if remat not in REMAT_POLICIES:
       raise UsageError(f"dit.remat {remat!r} is not one of ['none', {', '.join(map(repr, REMAT_POLICIES))}]")
     body = nnx.remat(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+  if isinstance(unroll, bool) or not isinstance(unroll, int) or unroll < 1:
+    if unroll is not True:
+      raise UsageError(f"scan unroll {unroll!r}: a positive number of layers, or True (all)")
   scan = nnx.scan(
-      body, in_axes=(nnx.Carry, 0) + (None,) * len(shared), out_axes=nnx.Carry, transform_metadata=LAYERS
+      body, in_axes=(nnx.Carry, 0) + (None,) * len(shared), out_axes=nnx.Carry, transform_metadata=LAYERS,
+      unroll=unroll,
   )
   return scan(x, layers, *shared)

@@ -2,7 +2,7 @@
 
 `init_state(config, optimizer)` builds the train state; `make_train_step(config,
 graphdef, optimizer)` returns the pure `(state, batch) -> (state, metrics)` that the
-loop, `vidsim bench` and `vidsim compile` all jit; `flops_for_batch` counts its work.
+loop, `vidsim bench` and `vidsim compile` all jit; `flops_for_batch` counts its work (useful or executed).
 """
 
 import jax
@@ -62,9 +62,7 @@ def accumulate_gradients(loss_fn, params, batch, rng, steps: int):
   return loss * scale, jax.tree.map(lambda m: m * scale, metrics), jax.tree.map(lambda g: g * scale, grads)
 
 
-def flops_for_batch(config, host_batch) -> float:
-  """Model FLOPs of one host batch's train step (see vidsim/models/flops.py)."""
-  rows, row_tokens = host_batch["segment_ids"].shape
-  text_tokens = host_batch["text_mask"].shape[1] * host_batch["text_mask"].shape[2]
-  segments = host_batch["segment_frames"].shape[1]
-  return flops_lib.dit_flops_per_step(config, rows, row_tokens, text_tokens, segments)
+def flops_for_batch(config, host_batch, kind: str = "useful") -> float:
+  """Model FLOPs of one host batch's train step: the useful work (what MFU is quoted
+  against) or what the step executes (see vidsim/models/flops.py)."""
+  return flops_lib.work_flops(config, flops_lib.batch_work(config, host_batch, kind))

@@ -8,6 +8,7 @@ checkpoint, one compiled step with explicit shardings and donated state, metrics
 JSONL and TensorBoard, async checkpoints, SIGTERM / preemption, non-finite steps.
 """
 
+import contextlib
 import dataclasses
 import signal
 import time
@@ -21,7 +22,7 @@ from jax.experimental import multihost_utils
 
 from vidsim import config as config_lib
 from vidsim import mesh as mesh_lib
-from vidsim.errors import StoppedError
+from vidsim.errors import StoppedError, UsageError
 from vidsim.log import get_logger, is_chief, progress
 from vidsim.train import goodput
 from vidsim.train.checkpoint import Checkpointer, abstract_like, restore_weights
@@ -156,6 +157,7 @@ def run(spec: StageSpec, config, workdir, mesh):
   watch = _NonfiniteWatch(spec.max_nonfinite_steps)
   metrics = {}
 
+  profiler = _Profiler(config, stage_dir / "profile")
   bar = progress(total=spec.steps, initial=step, desc=f"train {spec.name}", unit="step")
   try:
     with _Preemption() as preemption:
@@ -166,13 +168,16 @@ def run(spec: StageSpec, config, workdir, mesh):
           host_batch = next(spec.data_iter)
           batch = spec.to_global(host_batch)
         data_seconds = time.perf_counter() - data_begin
+        profiler.before(step + 1)
         if timer.first:
           with recorder.phase("compile"):
             state, step_metrics = jitted_step(state, batch)
             jax.block_until_ready(step_metrics)
         else:
-          state, step_metrics = jitted_step(state, batch)
+          with profiler.annotate(step + 1):
+            state, step_metrics = jitted_step(state, batch)
         step += 1
+        profiler.after(step, state)
         watch.add(state, step)
         logging = step % spec.log_every == 0 or step == spec.steps
         checkpointing = step % spec.checkpoint_every == 0 or step == spec.steps
@@ -217,10 +222,62 @@ def run(spec: StageSpec, config, workdir, mesh):
       checkpointer.wait()
     recorder.snapshot(step, done=True)
   finally:
+    profiler.close()
     bar.close()
     checkpointer.close()
     metrics_writer.close()
   return state
+
+
+def profile_steps(config):
+  """config.profile.steps "A,B" (or "A") -> (A, B), 1-based and inclusive; None when empty."""
+  text = str(config.get("profile", {}).get("steps", "") or "").strip()
+  if not text:
+    return None
+  try:
+    bounds = tuple(int(part) for part in text.split(","))
+  except ValueError:
+    bounds = ()
+  if len(bounds) == 1:
+    bounds = bounds * 2
+  if len(bounds) != 2 or not 1 <= bounds[0] <= bounds[1]:
+    raise UsageError(f"profile.steps={text!r}: use 'A,B' with 1 <= A <= B (steps A to B), 'A', or '' (off)")
+  return bounds
+
+
+class _Profiler:
+  """A jax profiler trace of the steps in config.profile.steps, written under `directory`
+  (jax.profiler.start_trace / stop_trace; TensorBoard's profile plugin and XProf read it).
+  The trace stops after the last step's results are ready, so its device work is inside."""
+
+  def __init__(self, config, directory):
+    self.bounds = profile_steps(config)
+    self.directory = directory
+    self.active = False
+
+  def before(self, step):
+    if self.bounds and step == self.bounds[0] and not self.active:
+      self.directory.mkdir(parents=True, exist_ok=True)
+      jax.profiler.start_trace(str(self.directory))
+      self.active = True
+      log.info("profiling steps %d-%d into %s", *self.bounds, self.directory)
+
+  def annotate(self, step):
+    """Marks a step in the trace (XProf's step-time view groups by it)."""
+    if self.active:
+      return jax.profiler.StepTraceAnnotation("train", step_num=step)
+    return contextlib.nullcontext()
+
+  def after(self, step, state):
+    if self.active and step >= self.bounds[1]:
+      jax.block_until_ready(state)
+      self.close()
+
+  def close(self):
+    if self.active:
+      jax.profiler.stop_trace()
+      self.active = False
+      log.info("profile written to %s", self.directory)
 
 
 class _Window:
