@@ -15,7 +15,7 @@ Mesh: fsdp over all 32 chips (weights, EMA and Adam moments sharded 32 ways), tw
 Command:
   vidsim compile --config experiments/pod_dit_1b_256p.py --topology v5p-64
 Expected runtime: the compile takes about 2 min of CPU (450 s wall on a shared 2-core CPU).
-What it reports (libtpu 0.0.42.1, jax 0.10.2; 2-core AMD EPYC, 450 s wall on a shared
+Expected result, what it reports (libtpu 0.0.42.1, jax 0.10.2; 2-core AMD EPYC, 450 s wall on a shared
 machine): fits, 72.0 GiB of 95 GiB HBM per chip (24% headroom; 71.4 GiB of it
 temporaries, the activations kept for the backward pass: remat "dots" trades them for
 recompute); model FLOPs 5.0e15 a step; estimated step time >= 437 ms (memory-bound

@@ -15,7 +15,7 @@ ulysses it sends the least (see What it reports).
 Command:
   vidsim compile --config experiments/pod_dit_8b_720p.py --topology v5p-256 --slices 2
 Expected runtime: the compile takes about 3 min of CPU (~18 min wall on a shared 2-core CPU).
-What it reports (libtpu 0.0.42.1, jax 0.10.2; 2-core AMD EPYC, ~18 min wall on a shared
+Expected result, what it reports (libtpu 0.0.42.1, jax 0.10.2; 2-core AMD EPYC, ~18 min wall on a shared
 machine, 3 min of CPU): fits, 27.9 GiB of 95 GiB HBM per chip (71% headroom; remat
 "full"); model FLOPs 3.9e17 a step; estimated step time >= 3.69 s (XLA part 1.25 s,
 compute-bound; splash kernels 2.44 s), MFU <= 91%, <= 2,640 tokens/s/chip; 105 GiB of

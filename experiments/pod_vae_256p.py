@@ -7,7 +7,7 @@ This is the latent space of pod_dit_1b_256p and pod_dit_8b_720p: 33 frames becom
 Command:
   vidsim compile --config experiments/pod_vae_256p.py --topology v5p-32 --stage vae
 Expected runtime: the compile takes about 10 min of CPU (19 min wall on a shared 2-core CPU).
-What it reports (libtpu 0.0.42.1, jax 0.10.2; 2-core AMD EPYC, 10 min of CPU): fits,
+Expected result, what it reports (libtpu 0.0.42.1, jax 0.10.2; 2-core AMD EPYC, 10 min of CPU): fits,
 18.8 GiB of 95 GiB HBM per chip (80% headroom; 16.0 GiB temporaries); model FLOPs
 9.3e14 a step; estimated step time >= 125 ms, compute-bound, <= 263 frames/s/chip (the
 compiler's FLOPs are 0.8% under vidsim's VAE count, so the implied MFU bound reads
