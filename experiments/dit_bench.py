@@ -7,7 +7,11 @@ Expected runtime: about 40 s on a quiet 2-core CPU (compile + 2 warmup + 5 timed
 Expected result: step time, tokens/s and MFU against the in-process 2048^3 fp32
 matmul rate; measured on 2 cores of an AMD EPYC (Zen 5), nothing else running, four
 runs: 2.08-2.14 s/step, 956-987 tokens/s, MFU 0.49-0.53 (mean 0.51) against 471-496
-GFLOP/s. The other variants and what limits them are in docs/benchmarks.md ("DiT").
+GFLOP/s (general path, before dit.segment_blocks). With dit.segment_blocks = 2 (set below),
+alternated with the general path in one sitting on the same machine under load (matmul
+rate 167-188 GFLOP/s): 3.82-3.94 s against 4.68-5.02 s, MFU 0.61-0.66 of the useful
+445.8 GFLOP. The other variants, the side-by-side with the PyTorch peer (`vidsim bench
+compare`) and what limits them are in docs/benchmarks.md ("DiT").
 """
 
 from vidsim.config import base_config
