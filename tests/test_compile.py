@@ -7,6 +7,7 @@ by hand (docs/scale.md), not here.
 import importlib.util
 import json
 import os
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -44,8 +45,11 @@ def test_tiny_dit_compiles_for_v5p_8_and_reports_hbm_and_an_estimate(tiny_report
   e = r["estimate"]
   assert e["step_time_s"] > 0 and 0 < e["mfu"] < 1 and e["tokens_per_s_per_chip"] > 0
   assert "bound, not a measurement" in e["method"]
-  # The settings that quiet libtpu's start are gone: init_distributed would read them as a pod.
+  # The settings that quiet libtpu's start, and those libtpu sets itself, are gone: a child
+  # process (init_distributed, jax) would read them as a TPU pod host.
   assert "TPU_WORKER_HOSTNAMES" not in os.environ
+  inherited = subprocess.run(["env"], capture_output=True, text=True, check=True).stdout
+  assert "CLOUD_TPU_TASK_ID=" not in inherited and "TPU_WORKER_HOSTNAMES=" not in inherited
 
 
 @needs_libtpu

@@ -69,6 +69,9 @@ class DoesNotFitError(Exception):
 # ------------------------------------------------------------------ devices
 
 
+LIBTPU_SETS = ("CLOUD_TPU_TASK_ID", "CLOUD_TPU_ACCELERATOR_TYPE", "TPU_PREMAPPED_BUFFER_SIZE")
+
+
 def compile_only_devices(topology):
   """The topology's chips as compile-only TPU devices (slice_index set across slices)."""
   if importlib.util.find_spec("libtpu") is None:
@@ -93,6 +96,12 @@ def compile_only_devices(topology):
   finally:
     for name in added:
       os.environ.pop(name, None)
+    # libtpu also sets these in the C environment (os.environ does not see them), and a
+    # child process would inherit them: CLOUD_TPU_TASK_ID makes init_distributed (and
+    # jax) take the machine for a TPU pod host.
+    for name in LIBTPU_SETS:
+      if name not in os.environ:
+        os.unsetenv(name)
   devices = list(desc.devices)
   if len(devices) != topology.total_chips:
     raise RuntimeError(f"libtpu gave {len(devices)} devices for {topology.name} x {topology.slices}, "
