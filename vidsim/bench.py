@@ -15,7 +15,6 @@ explicitly (vidsim/models/flops.py, vae_flops). Results go to docs/benchmarks.md
 
 import json
 import os
-import platform
 import subprocess
 import tempfile
 import time
@@ -27,6 +26,7 @@ from etils import epath
 from flax import nnx
 
 from vidsim import malloc
+from vidsim import machine
 from vidsim import mesh as mesh_lib
 from vidsim.data.bench import bench_data
 from vidsim.errors import UsageError
@@ -75,21 +75,10 @@ def _machine():
       "backend": jax.default_backend(),
       "devices": jax.device_count(),
       "device_kind": jax.devices()[0].device_kind,
-      "cpu": _cpu_model(),
-      "cores": os.cpu_count(),
+      "cpu": machine.cpu_model(),
+      "cores": machine.cores(),
       "malloc_hugepages": malloc.hugepages_active(),  # vidsim/malloc.py: ~13% of a DiT step on CPU.
   }
-
-
-def _cpu_model():
-  """`lscpu`'s model name (platform.processor() is empty on many Linux hosts)."""
-  try:
-    for line in open("/proc/cpuinfo"):
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
 
 
 def _bench_data(config):

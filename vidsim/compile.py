@@ -28,7 +28,6 @@ import importlib.util
 import json
 import math
 import os
-import platform
 import re
 import tempfile
 import time
@@ -38,6 +37,7 @@ import numpy as np
 from etils import epath
 
 from vidsim import hlo_cost
+from vidsim import machine
 from vidsim import mesh as mesh_lib
 from vidsim import topology as topology_lib
 from vidsim.errors import UsageError
@@ -271,7 +271,7 @@ def _report(config, topology, mesh, stage, program, compiled, lower_s, compile_s
       "attention_impl": config.dit.get("attention_impl", "") if stage == "dit" else "",
       "model_flops_per_step": program.model_flops,
       "model_flops_per_step_per_chip": program.model_flops / chips,
-      "machine": {"cpu": _cpu_model(), "cores": _cores(), "jax": jax.__version__, "libtpu": _libtpu_version()},
+      "machine": {"cpu": machine.cpu_model(), "cores": machine.cores(), "jax": jax.__version__, "libtpu": _libtpu_version()},
       "lower_s": round(lower_s, 2),
       "compile_s": round(compile_s, 2),
   }
@@ -532,22 +532,6 @@ def run_compile(args, config):
 def _write(path, report):
   epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
   epath.Path(path).write_text(json.dumps(report, indent=2, default=float) + "\n")
-
-
-def _cpu_model():
-  try:
-    for line in open("/proc/cpuinfo"):
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
-
-
-def _cores():
-  import os
-
-  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def _libtpu_version():
