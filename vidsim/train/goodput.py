@@ -3,7 +3,8 @@
 Each start of a stage (an "attempt") appends snapshots to W/<stage>/goodput.jsonl
 (process 0 only): the attempt's start time, the step it resumed from, the step it has
 reached, and the seconds spent so far in each phase:
-  startup     process start -> the loop (imports, mesh, data and model set-up)
+  startup     process start (or the end of the stage before it in the same process)
+              -> the loop (imports, mesh, data and model set-up)
   restore     checkpoint restore, or initialising a fresh state
   compile     the first step of the attempt (compilation, and that one step)
   data        waiting for the next batch and putting it on the devices
@@ -53,6 +54,9 @@ def process_start_time() -> float:
 
 
 _IMPORTED = time.time()
+# When the last stage run by this process ended: `vidsim demo` runs several stages in one
+# process, and a later stage's start-up begins there, not at the process start.
+_last_stage_end = None
 
 
 class Recorder:
@@ -61,7 +65,7 @@ class Recorder:
   def __init__(self, stage_dir, resume_step: int):
     self.path = epath.Path(stage_dir) / FILE
     self.attempt = uuid.uuid4().hex[:12]
-    self.start = process_start_time()
+    self.start = _last_stage_end or process_start_time()
     self.resume_step = resume_step
     self.seconds = dict.fromkeys(PHASES, 0.0)
     self.seconds["startup"] = max(time.time() - self.start, 0.0)
@@ -87,6 +91,9 @@ class Recorder:
     return sum(v for k, v in self.seconds.items() if k not in ("steps", "startup"))
 
   def snapshot(self, step: int, done: bool = False) -> None:
+    global _last_stage_end
+    if done:
+      _last_stage_end = time.time()
     if not is_chief():
       return
     line = {"attempt": self.attempt, "start": self.start, "time": time.time(), "resume_step": self.resume_step,
