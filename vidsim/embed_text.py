@@ -17,7 +17,6 @@ import json
 import jax
 import numpy as np
 from array_record.python.array_record_data_source import ArrayRecordDataSource
-from array_record.python.array_record_module import ArrayRecordWriter
 from flax import serialization
 from jax.experimental import multihost_utils
 
@@ -70,7 +69,7 @@ def embed_cache(config, workdir, mesh):
       if mine:
         records = [serialization.msgpack_serialize({"index": np.int64(i), "caption": c, "text_embeddings": e})
                    for i, c, e in zip(indices, captions, embedded)]
-        write_atomically(root / mine["file"], functools.partial(_write_records, records=records))
+        write_atomically(root / mine["file"], functools.partial(latents_lib.write_records, records=records))
 
   if processes > 1:
     multihost_utils.sync_global_devices("vidsim_embed_text_done")
@@ -90,13 +89,6 @@ def _captions(path):
   source = ArrayRecordDataSource([str(path)])
   records = [latents_lib.read_record(raw) for raw in source.__getitems__(list(range(len(source))))]
   return [str(r["caption"]) for r in records], [int(r["index"]) for r in records]
-
-
-def _write_records(path, records):
-  writer = ArrayRecordWriter(str(path), "group_size:1")
-  for record in records:
-    writer.write(record)
-  writer.close()
 
 
 def _claim(root, described):

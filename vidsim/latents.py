@@ -79,7 +79,7 @@ def encode_cache(config, workdir, mesh):
     for k in progress(todo, desc=f"encode {split}", unit="shard"):
       indices = range(k * per_shard, min((k + 1) * per_shard, total))
       records = encoder.encode_examples(source, indices)
-      write_atomically(root / shard_name(split, k, count), functools.partial(_write_records, records=records))
+      write_atomically(root / shard_name(split, k, count), functools.partial(write_records, records=records))
 
   # Everyone's shards exist before process 0 lists them.
   if jax.process_count() > 1:
@@ -157,7 +157,8 @@ def _encode(graphdef, params, video, config):
   return model.encode(video)
 
 
-def _write_records(path, records):
+def write_records(path, records):
+  """ArrayRecord file of serialized records, one record a group (random access)."""
   writer = ArrayRecordWriter(str(path), "group_size:1")
   for record in records:
     writer.write(record)
