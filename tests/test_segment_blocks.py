@@ -113,3 +113,45 @@ def test_batches_that_do_not_align_take_the_general_path(config, model):
     batch = packed(config, layout, seed=2)
     np.testing.assert_allclose(loss_and_grads(model, lambda m: m, batch)[1],
                                loss_and_grads(model, lambda m: m._dense, batch)[1], atol=1e-6)
+
+
+def test_train_step_takes_either_path_with_the_general_paths_update(config):
+  """The train step picks the path around the gradient (a lax.cond over both
+  value_and_grads): an aligned batch and one that is not both give the update of a step
+  with dit.segment_blocks off."""
+  from vidsim import bench
+  from vidsim import mesh as mesh_lib
+  from vidsim.train import stage as stage_lib
+
+  def with_blocks(blocks):
+    c = config.copy_and_resolve_references()
+    with c.unlocked():
+      c.dit.segment_blocks = blocks
+      c.train.row_tokens, c.train.rows_per_batch = 32, 8  # One row a device.
+    return c
+
+  def steps(blocks, batches):
+    """(loss, params) after one step from the same initial state, for each batch."""
+    c = with_blocks(blocks)
+    mesh = mesh_lib.make_mesh(c)
+    with mesh_lib.activate(mesh, c):
+      stage = stage_lib.assemble(c, mesh, "dit")
+      initial = jax.jit(stage.init_state, out_shardings=stage.state_shardings)()
+      step = jax.jit(stage.train_step)
+      results = []
+      for batch in batches:
+        state, metrics = step(initial, mesh_lib.make_global_batch(batch, mesh, c))
+        results.append((float(metrics["loss"]), jax.tree.map(np.asarray, state["params"])))
+    return results
+
+  aligned = bench.synthetic_packed_batch(with_blocks(2))
+  straddling = dict(aligned, segment_ids=np.concatenate(
+      [np.full((8, 20), 1), np.full((8, 12), 2)], axis=1).astype(np.int32))
+  slots = aligned["segment_frames"].shape[1]
+  assert segments_in_blocks(aligned["segment_ids"], 2, slots)
+  assert not segments_in_blocks(straddling["segment_ids"], 2, slots)
+  for (loss_off, params_off), (loss_on, params_on) in zip(steps(0, [aligned, straddling]),
+                                                          steps(2, [aligned, straddling])):
+    assert loss_on == pytest.approx(loss_off, rel=1e-5)
+    worst = max(jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), params_on, params_off)))
+    assert worst < 1e-6

@@ -25,7 +25,9 @@ text {text_tokens | text_embeddings, text_mask [R, K, S]}, drop_text [R, K]) -> 
   device), the rows run as R*n rows of L/n tokens, each reading and encoding only its own
   segment's caption: the same v for every token, without the attention pairs across
   segments (masked out anyway) or the unused caption slots. Other batches take the
-  general path (nnx.cond; both are compiled).
+  general path (a cond; both are compiled). Training puts that cond around the whole
+  gradient rather than inside it: differentiating through a cond makes each branch
+  output the other's residuals as zeros, whole stacks of them a step.
 - Blocks are stacked with nnx.scan (params have a leading "layers" axis), with a
   configurable remat policy; activations are constrained at block boundaries.
 """
@@ -145,7 +147,10 @@ class DiT(nnx.Module):
     context = jnp.where(drop[:, :, None, None], self.null_text[...].astype(context.dtype), context)
     return context, mask | drop[:, :, None]
 
-  def __call__(self, x_t, t, positions, segment_ids, text, drop_text):
+  def __call__(self, x_t, t, positions, segment_ids, text, drop_text, path="auto"):
+    """v for every token. `path`: "auto" picks the blocked path on the device where
+    `segments_in_blocks` holds; "dense" / "blocked" force one (the train step picks it
+    outside the gradient: see `vidsim.train.dit_step`)."""
     r, l, p = x_t.shape
     if p != self.patch_dim:
       raise UsageError(
@@ -154,13 +159,15 @@ class DiT(nnx.Module):
     segment_ids = segment_ids.astype(jnp.int32)
     args = (x_t, t, positions, segment_ids, text, drop_text)
     n = self.segment_blocks
-    if n > 1 and l % n == 0:
-      # Both paths compute the same v for every token; the blocked one skips the
-      # cross-block attention pairs and the captions no block uses.
-      aligned = segments_in_blocks(segment_ids, n, drop_text.shape[1])
-      # nnx.cond, not jax.lax.cond: the branches run the nnx.scan'd blocks of `model`.
-      return nnx.cond(aligned, lambda model, *a: model._blocked(n, *a), lambda model, *a: model._dense(*a), self, *args)
-    return self._dense(*args)
+    if path == "dense" or not blocked_path_possible(n, l):
+      return self._dense(*args)
+    if path == "blocked":
+      return self._blocked(n, *args)
+    # Both paths compute the same v for every token; the blocked one skips the
+    # cross-block attention pairs and the captions no block uses.
+    aligned = segments_in_blocks(segment_ids, n, drop_text.shape[1])
+    # nnx.cond, not jax.lax.cond: the branches run the nnx.scan'd blocks of `model`.
+    return nnx.cond(aligned, lambda model, *a: model._blocked(n, *a), lambda model, *a: model._dense(*a), self, *args)
 
   def _dense(self, x_t, t, positions, segment_ids, text, drop_text):
     """The general path: every row attends over its whole length (masked by segment) and
@@ -203,6 +210,11 @@ class DiT(nnx.Module):
     shift, scale = jnp.unstack(self.final_modulation[...].astype(time.dtype) + time[:, :, None], axis=2)
     v = self.final(layers.modulate(layers.layer_norm(x), shift, scale))
     return v.astype(jnp.float32)
+
+
+def blocked_path_possible(segment_blocks: int, row_tokens: int) -> bool:
+  """Whether rows of this length can take the blocked path at all (dit.segment_blocks)."""
+  return segment_blocks > 1 and row_tokens % segment_blocks == 0
 
 
 def segments_in_blocks(segment_ids, n: int, slots: int):

@@ -5,6 +5,8 @@ graphdef, optimizer)` returns the pure `(state, batch) -> (state, metrics)` that
 loop, `vidsim bench` and `vidsim compile` all jit; `flops_for_batch` counts its work (useful or executed).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -12,6 +14,7 @@ from flax import nnx
 from vidsim import flow
 from vidsim.data import packing
 from vidsim.models import build
+from vidsim.models import dit as dit_lib
 from vidsim.models import flops as flops_lib
 from vidsim.train import optim
 
@@ -24,17 +27,30 @@ def init_state(config, optimizer):
 def make_train_step(config, graphdef, optimizer):
   """The pure step (state, packed global batch) -> (state, metrics): rectified flow."""
   tc = config.train
+  blocks = config.dit.get("segment_blocks", 0)
 
-  def loss_fn(params, batch, rng):
+  def loss_fn(params, batch, rng, path):
     inputs = flow.flow_training_inputs(rng, batch, config)
     model = nnx.merge(graphdef, params)
     v_pred = model(inputs["x_t"], inputs["t"], batch["positions"], batch["segment_ids"],
-                   packing.text_inputs(batch), inputs["drop_text"])
+                   packing.text_inputs(batch), inputs["drop_text"], path=path)
     return flow.flow_loss(v_pred, inputs["v_target"], inputs["loss_mask"], inputs["t"])
+
+  def gradients(params, batch, rng, path):
+    return accumulate_gradients(functools.partial(loss_fn, path=path), params, batch, rng, tc.grad_accum)
 
   def train_step(state, batch):
     rng = optim.step_rng(state)
-    loss, metrics, grads = accumulate_gradients(loss_fn, state["params"], batch, rng, tc.grad_accum)
+    segment_ids = batch["segment_ids"]
+    if dit_lib.blocked_path_possible(blocks, segment_ids.shape[1]):
+      # The path is chosen around the gradient, not inside the model's forward: a
+      # differentiated cond would fill the other path's residuals with zeros every step.
+      aligned = dit_lib.segments_in_blocks(segment_ids.astype(jnp.int32), blocks, batch["segment_frames"].shape[1])
+      loss, metrics, grads = jax.lax.cond(
+          aligned, functools.partial(gradients, path="blocked"), functools.partial(gradients, path="dense"),
+          state["params"], batch, rng)
+    else:
+      loss, metrics, grads = gradients(state["params"], batch, rng, "dense")
     state, stats = optim.apply_gradients(state, loss, grads, optimizer, tc.ema_decay)
     return state, {**metrics, **stats}
 
