@@ -5,6 +5,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+# Test worker processes (pytest-xdist). Most of a test's time is XLA compiling, which
+# runs on one thread, so two workers on two cores take about half the time of one.
+# Each test file runs in one worker (its module fixtures are built once).
+PYTEST_WORKERS ?= auto
 
 .PHONY: demo test venv venv-test clean
 
@@ -32,7 +36,7 @@ demo: venv
 # GLIBC_TUNABLES: what the vidsim command sets for itself (vidsim/malloc.py), for the
 # in-process tests too.
 test: venv-test
-	GLIBC_TUNABLES=glibc.malloc.hugetlb=1 $(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	GLIBC_TUNABLES=glibc.malloc.hugetlb=1 $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5)"; fi; \
 	exit $$rc
 

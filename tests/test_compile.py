@@ -84,6 +84,15 @@ def test_mesh_that_does_not_divide_the_chips_is_exit_2_with_a_layout_that_would(
   assert "needs 3 devices per slice but there are 4" in err and "for example" in err
 
 
+@needs_libtpu
+def test_batch_that_does_not_split_over_the_mesh_is_exit_2_naming_the_key(capsys):
+  # v5p-8 is 4 chips, all data-parallel: 6 rows do not split 4 ways.
+  code = cli.main(["compile", "--config", TINY, "--topology", "v5p-8", "--config.train.rows_per_batch=6"])
+  err = capsys.readouterr().err
+  assert code == 2
+  assert "train.rows_per_batch=6 must be a multiple of 4" in err and "use train.rows_per_batch=8" in err
+
+
 def test_unknown_topology_is_exit_2_listing_valid_ones(capsys):
   assert cli.main(["compile", "--config", TINY, "--topology", "v7x-8"]) == 2
   err = capsys.readouterr().err

@@ -97,3 +97,33 @@ def test_train_and_sample_from_precomputed_embeddings(embedded, tmp_path, capsys
   capsys.readouterr()
   assert _run("train", embedded, f"--config.text.t5_path={T5 / 't5'}", "--config.train.steps=3") == 2
   assert "were made by the umt5 encoder" in capsys.readouterr().err
+
+
+@pytest.mark.multiprocess
+def test_two_processes_embed_the_same_cache_as_one(embedded, tmp_path):
+  """embed-text as 2 jax processes x 4 devices (the encoder's params span both, every
+  call a collective; each process writes its own shards) gives the one-process cache."""
+  import shutil
+
+  from test_multiprocess import run_processes
+
+  work = tmp_path / "work"
+  shutil.copytree(embedded, work, ignore=shutil.ignore_patterns("dit"))
+  shutil.rmtree(text_cache.text_dir(work))
+  results = run_processes(["embed-text", "--config", TINY, "--workdir", str(work), *TEXT], 2, 4,
+                          {"VIDSIM_DATA_DIR": os.environ["VIDSIM_DATA_DIR"]})
+  for code, _, err in results:
+    assert code == 0, err[-3000:]
+  assert "shards to embed" in results[1][2]  # Process 1 took part.
+  config = _config()
+  one, two = (text_cache.load_manifest(w, config) for w in (embedded, work))
+  assert two == one
+  latent_manifest = latents_lib.load_manifest(embedded)
+  for split, entry in one["splits"].items():
+    everything = list(range(entry["num_examples"]))
+    ours = text_cache.TextSource(work, split, two, latent_manifest)(everything)
+    reference = text_cache.TextSource(embedded, split, one, latent_manifest)(everything)
+    for a, b in zip(ours, reference):
+      assert a["index"] == b["index"]
+      np.testing.assert_array_equal(a["text_mask"], b["text_mask"])
+      np.testing.assert_allclose(a["text_embeddings"], b["text_embeddings"], atol=1e-5)
