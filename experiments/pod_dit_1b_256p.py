@@ -21,7 +21,12 @@ temporaries, the activations kept for the backward pass: remat "dots" trades the
 recompute); model FLOPs 5.0e15 a step; estimated step time >= 437 ms (memory-bound
 XLA part 308 ms + splash kernels 129 ms), MFU <= 78%, <= 37,500 tokens/s/chip; 9 GiB of
 fsdp collectives per chip. The estimate is a roofline bound, not a measurement.
-On a v6e-64 (32 GiB chips), see docs/scale.md: it needs remat and one row per chip.
+Second generation (32 GiB chips: one row a chip and full remat; docs/scale.md):
+  vidsim compile --config experiments/pod_dit_1b_256p.py --topology v6e-64 \
+      --config.train.rows_per_batch=64 --config.dit.remat=full
+fits, 3.7 GiB of 32 GiB per chip (89% headroom); estimated step time >= 242 ms,
+memory-bound, MFU <= 35%, <= 33,900 tokens/s/chip (v6e has twice v5p's peak but 0.6x
+its HBM bandwidth).
 """
 
 from vidsim.config import base_config

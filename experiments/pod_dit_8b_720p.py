@@ -23,6 +23,13 @@ collectives a chip per step (187 ms at ICI rate if not overlapped). With
 --config.dit.context_parallel=all_gather: 23.2 GiB, the same bound, 223 GiB of
 collectives; ring: 38.6 GiB, >= 11.7 s (its XLA blocks are memory-bound). The estimate
 is a roofline bound, not a measurement.
+Second generation, 2 x v6e-256 (512 chips: each row split 16 ways, the same 32 rows):
+  vidsim compile --config experiments/pod_dit_8b_720p.py --topology v6e-256 --slices 2 \
+      --config.mesh.ici.sequence=16
+fits, 17.3 GiB of 32 GiB per chip (46% headroom); estimated step time >= 1.37 s
+(memory-bound XLA part 0.70 s, splash kernels 0.67 s), MFU <= 61%, <= 3,560
+tokens/s/chip; 84 GiB of collectives a chip per step (2 min wall, 3.6 min of CPU, on the
+same 2-core EPYC with nothing else running).
 """
 
 from vidsim.config import base_config

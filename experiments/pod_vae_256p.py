@@ -12,6 +12,12 @@ Expected result, what it reports (libtpu 0.0.42.1, jax 0.10.2; 2-core AMD EPYC, 
 9.3e14 a step; estimated step time >= 125 ms, compute-bound, <= 263 frames/s/chip (the
 compiler's FLOPs are 0.8% under vidsim's VAE count, so the implied MFU bound reads
 ~100%: all matmul at peak). A roofline bound, not a measurement.
+Second generation:
+  vidsim compile --config experiments/pod_vae_256p.py --topology v6e-16 --stage vae
+fits, 18.9 GiB of 32 GiB per chip (41% headroom); estimated step time >= 142 ms,
+memory-bound (2.3e11 bytes a chip at 1.64 TB/s), MFU <= 45%, <= 233 frames/s/chip: on
+v6e this VAE is limited by HBM bandwidth, not by its 918 TFLOP/s (12 min wall, 22 min
+of CPU, on the same 2-core EPYC with nothing else running).
 """
 
 from vidsim.config import base_config
