@@ -5,9 +5,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
-# Test worker processes (pytest-xdist). Most of a test's time is XLA compiling, which
-# runs on one thread, so two workers on two cores take about half the time of one.
-# Each test file runs in one worker (its module fixtures are built once).
+# Test worker processes (pytest-xdist; auto = one per core). Much of a test's time is
+# XLA compiling on one thread, so workers overlap it. Each test file runs in one worker
+# (its module fixtures are built once).
 PYTEST_WORKERS ?= auto
 
 .PHONY: demo test venv venv-test clean

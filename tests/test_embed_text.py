@@ -126,4 +126,5 @@ def test_two_processes_embed_the_same_cache_as_one(embedded, tmp_path):
     for a, b in zip(ours, reference):
       assert a["index"] == b["index"]
       np.testing.assert_array_equal(a["text_mask"], b["text_mask"])
-      np.testing.assert_allclose(a["text_embeddings"], b["text_embeddings"], atol=1e-5)
+      # 2 x 4 devices reduce in another order than 1 x 8: ~1e-5 apart.
+      np.testing.assert_allclose(a["text_embeddings"], b["text_embeddings"], rtol=1e-4, atol=1e-4)

@@ -97,16 +97,18 @@ def test_encode_survives_sigkill_without_duplicates_or_gaps(trained_vae, repo_ro
   proc = subprocess.Popen(_encode_cmd(workdir, repo_root, per_shard=2), env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   cache = workdir / "latents"
+  # A shard being written is `train-N.tmp-<pid>.array_record` until it is renamed.
+  shards = lambda: [p for p in cache.glob("train-*.array_record") if ".tmp-" not in p.name]
   deadline = time.time() + 300
   while time.time() < deadline and proc.poll() is None:
-    if len(list(cache.glob("train-*.array_record"))) >= 3:
+    if len(shards()) >= 3:
       proc.send_signal(signal.SIGKILL)
       break
     time.sleep(0.02)
   proc.wait()
   assert proc.returncode == -signal.SIGKILL, "encode finished before it could be killed"
   assert not (cache / "manifest.json").exists()
-  done_before = len(list(cache.glob("train-*.array_record")))
+  done_before = len(shards())
   assert 3 <= done_before < 32
 
   rerun = subprocess.run(_encode_cmd(workdir, repo_root, per_shard=2), env=env, capture_output=True, text=True)
