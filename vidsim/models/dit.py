@@ -156,6 +156,8 @@ class DiT(nnx.Module):
       raise UsageError(
           f"tokens have {p} features, the model expects prod(dit.patch_size) * vae.latent_channels = {self.patch_dim}"
       )
+    if path not in ("auto", "dense", "blocked"):
+      raise ValueError(f"path={path!r}; valid: auto, dense, blocked")
     segment_ids = segment_ids.astype(jnp.int32)
     args = (x_t, t, positions, segment_ids, text, drop_text)
     n = self.segment_blocks
