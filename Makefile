@@ -5,10 +5,11 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
-# Test worker processes (pytest-xdist; auto = one per core). Much of a test's time is
-# XLA compiling on one thread, so workers overlap it. Each test file runs in one worker
-# (its module fixtures are built once).
-PYTEST_WORKERS ?= auto
+# Test worker processes (pytest-xdist): one per core, at most 4 (each worker holds its
+# own jax runtime and compiled programs; some tests start jax processes of their own).
+# Much of a test's time is XLA compiling on one thread, so workers overlap it. Each
+# test file runs in one worker (its module fixtures are built once).
+PYTEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
 
 .PHONY: demo test venv venv-test clean
 
