@@ -29,18 +29,16 @@ memory-bound, MFU <= 35%, <= 33,900 tokens/s/chip (v6e has twice v5p's peak but 
 its HBM bandwidth).
 """
 
-from vidsim.config import base_config
+import os
+
+from vidsim.config import base_config, load_config
 
 
 def get_config():
   c = base_config()
-  # The latent space (the DiT reads latent_channels and the compression factors).
-  c.vae.temporal_compression = 4
-  c.vae.spatial_compression = 8
-  c.vae.latent_channels = 16
-  c.vae.widths = (128, 256, 512, 512)
-  c.vae.blocks_per_level = 2
-  c.vae.dtype = "bfloat16"
+  # The latent space: experiments/pod_vae_256p.py's VAE, whose checkpoint encodes the
+  # latents (the DiT reads latent_channels and the compression factors).
+  c.vae = load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "pod_vae_256p.py")).vae
 
   c.dit.patch_size = (1, 2, 2)
   c.dit.width = 2048

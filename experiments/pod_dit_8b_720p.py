@@ -32,17 +32,16 @@ tokens/s/chip; 84 GiB of collectives a chip per step (2 min wall, 3.6 min of CPU
 same 2-core EPYC with nothing else running).
 """
 
-from vidsim.config import base_config
+import os
+
+from vidsim.config import base_config, load_config
 
 
 def get_config():
   c = base_config()
-  c.vae.temporal_compression = 4
-  c.vae.spatial_compression = 8
-  c.vae.latent_channels = 16
-  c.vae.widths = (128, 256, 512, 512)
-  c.vae.blocks_per_level = 2
-  c.vae.dtype = "bfloat16"
+  # The latent space: experiments/pod_vae_256p.py's VAE, whose checkpoint encodes the
+  # latents (the DiT reads latent_channels and the compression factors).
+  c.vae = load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "pod_vae_256p.py")).vae
 
   c.dit.patch_size = (1, 2, 2)
   c.dit.width = 4096
