@@ -45,6 +45,7 @@ from vidsim.log import get_logger
 from vidsim.models import dit as dit_lib
 from vidsim.models import flops as flops_lib
 from vidsim.models import vae as vae_lib
+from vidsim.train import dit_step
 from vidsim.train.checkpoint import abstract_like
 from vidsim.train.stage import assemble
 
@@ -133,24 +134,24 @@ def stage_program(config, mesh, stage: str) -> StageProgram:
   state = abstract_like(jax.eval_shape(assembled.init_state), assembled.state_shardings)
   step = assembled.train_step
   batch_shapes, costs = (_dit_batch(config, mesh) if stage == "dit" else _vae_batch(config))
-  _check_batch_divides(config, mesh, stage, next(iter(batch_shapes.values()))[0][0])
+  if stage == "dit":
+    dit_step.check_rows_per_batch(config, mesh)  # As the trainer checks it.
+  else:
+    _check_clips_divide(config, mesh)
   batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=mesh_lib.batch_sharding(mesh, config, len(shape)))
            for k, (shape, dtype) in batch_shapes.items()}
   return StageProgram(step, state, batch, **costs)
 
 
-def _check_batch_divides(config, mesh, stage, rows):
-  """Exit 2, as the trainers would, when the step's batch does not split over the mesh's
-  data-parallel devices (and micro-batches): name the key and the sizes that would."""
-  shards = mesh_lib.data_parallel_size(mesh, config)
-  accum = config.train.grad_accum if stage == "dit" else 1
-  multiple = shards * accum
-  if rows % multiple:
-    key = "train.rows_per_batch" if stage == "dit" else "data.batch_size"
+def _check_clips_divide(config, mesh):
+  """Exit 2 when the VAE bench batch (data.batch_size clips) does not split over the mesh's
+  data-parallel devices: name the key and a size that would."""
+  clips, shards = config.data.batch_size, mesh_lib.data_parallel_size(mesh, config)
+  if clips % shards:
     raise UsageError(
-        f"{key}={rows} must be a multiple of {multiple}: the data-parallel size of mesh "
-        f"{mesh_lib.describe(mesh)} (data x fsdp = {shards})" + (f" x train.grad_accum ({accum})" if accum > 1 else "")
-        + f"; use {key}={-(-rows // multiple) * multiple}, or a mesh with a data x fsdp size that divides {rows}")
+        f"data.batch_size={clips} must be a multiple of {shards}: the data-parallel size of mesh "
+        f"{mesh_lib.describe(mesh)} (data x fsdp); use data.batch_size={-(-clips // shards) * shards} or a mesh "
+        f"whose data x fsdp divides it")
 
 
 def _dit_batch(config, mesh):

@@ -6,8 +6,6 @@ hooks (held-out loss, sample videos: vidsim/train/dit_hooks.py), then the shared
 Outputs under W/dit/.
 """
 
-import math
-
 import jax
 import numpy as np
 
@@ -46,17 +44,10 @@ def check_cache(config, workdir, mesh):
   return manifest
 
 
-def packed_batches(config, workdir, split, manifest, rows_multiple, seed):
+def packed_batches(config, workdir, split, manifest, mesh, seed):
   """Iterator of this process's rows of globally planned packed batches; its state is one
   global stream position, so it resumes on any process count (vidsim/data/packing.py)."""
-  tc = config.train
-  # Each micro-batch splits over the data-parallel devices; each process holds whole rows.
-  multiple = math.lcm(rows_multiple * tc.grad_accum, jax.process_count())
-  if tc.rows_per_batch % multiple:
-    raise UsageError(
-        f"train.rows_per_batch={tc.rows_per_batch} must be a multiple of {multiple}: of the data-parallel size "
-        f"({rows_multiple}) x train.grad_accum ({tc.grad_accum}), and of the process count ({jax.process_count()})"
-    )
+  dit_step.check_rows_per_batch(config, mesh, jax.process_count())
   return iter(latents_lib.packed_latents(config, workdir, split, manifest, seed=seed))
 
 
@@ -65,8 +56,7 @@ def train_dit(config, workdir, mesh):
   with mesh_lib.activate(mesh, config):
     # ------------------------------------------------------------ input
     manifest = check_cache(config, workdir, mesh)
-    dp = mesh_lib.data_parallel_size(mesh, config)
-    train_data = packed_batches(config, workdir, config.data.train_split, manifest, dp, config.seed)
+    train_data = packed_batches(config, workdir, config.data.train_split, manifest, mesh, config.seed)
 
     # ------------------------------------------------------------ model, optimizer, update step
     stage = assemble(config, mesh, STAGE)

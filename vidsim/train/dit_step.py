@@ -6,13 +6,16 @@ loop, `vidsim bench` and `vidsim compile` all jit; `flops_for_batch` counts its 
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from vidsim import flow
+from vidsim import mesh as mesh_lib
 from vidsim.data import packing
+from vidsim.errors import UsageError
 from vidsim.models import build
 from vidsim.models import dit as dit_lib
 from vidsim.models import flops as flops_lib
@@ -55,6 +58,20 @@ def make_train_step(config, graphdef, optimizer):
     return state, {**metrics, **stats}
 
   return train_step
+
+
+def check_rows_per_batch(config, mesh, processes: int = 1):
+  """UsageError (exit 2) unless train.rows_per_batch splits over the mesh's data-parallel
+  devices in train.grad_accum micro-batches, and into whole rows for each process."""
+  tc = config.train
+  data_parallel = mesh_lib.data_parallel_size(mesh, config)
+  multiple = math.lcm(data_parallel * tc.grad_accum, processes)
+  if tc.rows_per_batch % multiple:
+    raise UsageError(
+        f"train.rows_per_batch={tc.rows_per_batch} must be a multiple of {multiple}: of the data-parallel size "
+        f"of mesh {mesh_lib.describe(mesh)} (data x fsdp = {data_parallel}) x train.grad_accum ({tc.grad_accum}), "
+        f"and of the process count ({processes}); use train.rows_per_batch={-(-tc.rows_per_batch // multiple) * multiple}"
+        f" or a mesh whose data x fsdp divides it")
 
 
 def accumulate_gradients(loss_fn, params, batch, rng, steps: int):
