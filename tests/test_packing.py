@@ -56,7 +56,10 @@ def test_rows_fixed_length_and_format(tiny_config):
     assert batch["segment_frames"].shape == (r, k) and batch["segment_frames"].dtype == np.int32
     assert batch["text_tokens"].shape == (r, k, s) and batch["text_tokens"].dtype == np.int32
     assert batch["text_mask"].shape == (r, k, s) and batch["text_mask"].dtype == bool
-    assert set(batch) == {"tokens", "positions", "segment_ids", "segment_frames", "text_tokens", "text_mask"}
+    m = batch["slot_tokens"].shape[2]  # The largest sample: these are at most half a row.
+    assert batch["slot_tokens"].shape == (r, k, m) and batch["slot_tokens"].dtype == np.int32 and m <= l // 2
+    assert set(batch) == {"tokens", "positions", "segment_ids", "segment_frames", "text_tokens", "text_mask",
+                          "slot_tokens"}
 
 
 def test_segments_contiguous_padding_zero_and_slots_match(tiny_config):
@@ -70,6 +73,9 @@ def test_segments_contiguous_padding_zero_and_slots_match(tiny_config):
       assert runs in (list(range(1, n + 1)), list(range(1, n + 1)) + [0])
       pad = ids == 0
       assert not batch["tokens"][row][pad].any() and not batch["positions"][row][pad].any()
+      for k, places in enumerate(batch["slot_tokens"][row]):  # Each slot lists its segment's positions.
+        where = np.flatnonzero(ids == k + 1)
+        np.testing.assert_array_equal(places, np.pad(where, (0, len(places) - len(where)), constant_values=-1))
       frames = batch["segment_frames"][row]
       assert (frames[:n] > 0).all() and (frames[n:] == 0).all()
       assert batch["text_mask"][row][:n].any(axis=1).all() and not batch["text_mask"][row][n:].any()

@@ -28,6 +28,7 @@ from flax import nnx
 from vidsim import malloc
 from vidsim import machine
 from vidsim import mesh as mesh_lib
+from vidsim.data import packing
 from vidsim.data.bench import bench_data
 from vidsim.errors import UsageError
 from vidsim.log import get_logger
@@ -105,7 +106,7 @@ def _time_steps(step, state, batch, warmup, steps):
 def synthetic_packed_batch(config, rows=None, segments_per_row=2, seed=0):
   """Full rows of `segments_per_row` equal video segments (4 frames of tokens/4 each, 8
   tokens wide), random latents, one caption per segment (the other slots empty, as the
-  packer leaves them)."""
+  packer leaves them), and `slot_tokens` where the packer would add it."""
   tc = config.train
   rows = rows or tc.rows_per_batch
   length = tc.row_tokens
@@ -124,6 +125,7 @@ def synthetic_packed_batch(config, rows=None, segments_per_row=2, seed=0):
   segment_frames[:segments_per_row] = frames
   captions = ["a red 3 moves left while a blue 7 falls"] * segments_per_row + [""] * (k - segments_per_row)
   ids, mask = text_lib.tokenize_bytes(captions, config.text.max_length)
+  capacity = packing.slot_capacity(per_segment, length)
   batch = {
       "tokens": rng.standard_normal((rows, length, patch_dim)).astype(np.float32),
       "positions": np.broadcast_to(positions, (rows, length, 3)).astype(np.int32),
@@ -132,6 +134,10 @@ def synthetic_packed_batch(config, rows=None, segments_per_row=2, seed=0):
       "text_tokens": np.broadcast_to(ids, (rows, k, ids.shape[-1])).astype(np.int32),
       "text_mask": np.broadcast_to(mask, (rows, k, mask.shape[-1])).copy(),
   }
+  if capacity:  # As the packer lays out rows of samples up to half a row long.
+    slot_tokens = np.full((k, capacity), -1, np.int32)
+    slot_tokens[:segments_per_row] = np.arange(segments_per_row * per_segment).reshape(segments_per_row, per_segment)
+    batch["slot_tokens"] = np.broadcast_to(slot_tokens, (rows, k, capacity)).copy()
   return batch
 
 
@@ -147,7 +153,8 @@ def bench_dit(config):
   mesh = mesh_lib.make_mesh(config)
   with mesh_lib.activate(mesh, config):
     _, state, step = _stage_setup(config, mesh, "dit")
-    host = synthetic_packed_batch(config)
+    segments = config.bench.get("segments_per_row", 2)
+    host = synthetic_packed_batch(config, segments_per_row=segments)
     batch = mesh_lib.make_global_batch(host, mesh, config)
     _, seconds, times = _time_steps(step, state, batch, config.bench.warmup, config.bench.steps)
   flops = dit_step.flops_for_batch(config, host, "useful")
@@ -157,7 +164,8 @@ def bench_dit(config):
       "model": {"width": config.dit.width, "depth": config.dit.depth, "heads": config.dit.heads,
                 "params": flops_lib.dit_param_count(config)},
       "rows": host["segment_ids"].shape[0], "row_tokens": config.train.row_tokens,
-      "segments_per_row": 2, "segment_blocks": config.dit.get("segment_blocks", 0),
+      "segments_per_row": segments, "segment_blocks": config.dit.get("segment_blocks", 0),
+      "per_slot_cross_attention": "slot_tokens" in host and config.dit.get("per_slot_cross_attention", True),
       "step_time_s": seconds, "step_times_s": times, "tokens_per_s": tokens / seconds,
       # MFU counts the useful work (within-segment attention, the captions in use);
       # executed is what the step computes (see vidsim/models/flops.py).

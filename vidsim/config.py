@@ -194,6 +194,10 @@ def base_config() -> ConfigDict:
   # encodes only the captions those blocks use (models/dit.py); other batches take the
   # general path (both are compiled). 0: the general path only.
   c.dit.segment_blocks = 0
+  # Where the packed batch has slot_tokens (samples of at most half a row), the general
+  # path's cross-attention runs per caption slot: each segment's tokens against its own
+  # caption only, not against all K x S caption keys of the row (models/dit.py).
+  c.dit.per_slot_cross_attention = True
   # Blocks per iteration of the scanned stack (jax.lax.scan unroll): 1 = a loop over the
   # blocks; the depth = no loop (longer compile; XLA sees every block).
   c.dit.scan_unroll = 1
@@ -286,6 +290,7 @@ def base_config() -> ConfigDict:
   c.bench = ConfigDict()
   c.bench.steps = 5  # Timed steps per benchmark (after warmup).
   c.bench.warmup = 2  # Untimed steps (compilation).
+  c.bench.segments_per_row = 2  # `vidsim bench dit`: equal video segments in each synthetic row.
 
   c.lock()
   return c

@@ -297,7 +297,8 @@ def packed_latents(config, workdir, split, manifest, *, seed, process_index=None
   text = None
   if config.text.encoder == "precomputed":  # Caption embeddings from `vidsim embed-text`, joined by record index.
     text = text_cache.TextSource(workdir, split, text_cache.load_manifest(workdir, config), manifest)
-  batches = plans.map(packing.PackRows(_LatentReader(workdir, split, manifest, seed, text), config))
+  capacity = packing.slot_capacity(int(tokens.max(initial=0)), row_tokens)
+  batches = plans.map(packing.PackRows(_LatentReader(workdir, split, manifest, seed, text), config, capacity))
   if config.data.prefetch > 0:  # A thread plans and reads the next batches during the step.
     batches = grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=config.data.prefetch)
   return batches

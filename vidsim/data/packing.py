@@ -29,6 +29,9 @@ S = text.max_length):
   text_tokens     int32   [R/P, K, S]   caption bytes + 1, 0 = padding   (text.encoder=bytes)
   text_embeddings float32 [R/P, K, S, E]                                  (text.encoder=precomputed)
   text_mask       bool    [R/P, K, S]   valid text positions
+  slot_tokens     int32   [R/P, K, M]   row positions of segment k+1's tokens, -1 past
+                                        its end; only when M (the data's largest
+                                        sample, in tokens) <= L/2: `slot_capacity`
 Example ids and other keys are dropped. `packing_efficiency(batch)` is the share of
 real tokens, which the train loop logs.
 
@@ -49,7 +52,15 @@ from vidsim.errors import UsageError
 _TEXT_FEATURES = {"bytes": ("text_tokens", "text_mask"), "precomputed": ("text_embeddings", "text_mask")}
 TEXT_KEYS = ("text_tokens", "text_embeddings", "text_mask")
 # The keys of a packed batch that go to the devices (the model and the loss read them).
-MODEL_KEYS = ("tokens", "positions", "segment_ids", "segment_frames") + TEXT_KEYS
+MODEL_KEYS = ("tokens", "positions", "segment_ids", "segment_frames", "slot_tokens") + TEXT_KEYS
+
+
+def slot_capacity(max_sample_tokens: int, row_tokens: int) -> int:
+  """M for `slot_tokens`, or 0 for none. With it the DiT's cross-attention runs per
+  caption slot, M queries against that slot's S keys, instead of every token of the row
+  against all K x S keys (vidsim/models/dit.py): at most half the attention scores when
+  M <= L/2, and the K x M gathered queries cost less than the scores saved."""
+  return int(max_sample_tokens) if 0 < max_sample_tokens <= row_tokens // 2 else 0
 
 
 def model_inputs(host_batch) -> dict:
@@ -296,8 +307,8 @@ class PackRows(grain.transforms.Map):
   """A plan -> this process's host-local packed batch. `read(positions, records)` returns
   the examples of those stream positions (it may draw per-position noise)."""
 
-  def __init__(self, read, config):
-    self._read, self._config = read, config
+  def __init__(self, read, config, capacity: int = 0):
+    self._read, self._config, self._capacity = read, config, capacity
 
   def map(self, plan):
     flat = [entry for row in plan["rows"] for entry in row]
@@ -313,11 +324,12 @@ class PackRows(grain.transforms.Map):
     for row in plan["rows"]:
       rows.append(segments[at : at + len(row)])
       at += len(row)
-    return layout_rows(rows, self._config)
+    return layout_rows(rows, self._config, self._capacity)
 
 
-def layout_rows(rows, config):
-  """Lists of segments (from _packable) per row -> the host batch format (module docstring)."""
+def layout_rows(rows, config, capacity: int = 0):
+  """Lists of segments (from _packable) per row -> the host batch format (module docstring);
+  with `slot_tokens` [R, K, capacity] when capacity > 0 (`slot_capacity`)."""
   row_tokens, slots = config.train.row_tokens, config.train.max_segments_per_row
   first = rows[0][0]
   batch = {
@@ -328,16 +340,22 @@ def layout_rows(rows, config):
   for name in ("segment_frames",) + _TEXT_FEATURES[config.text.encoder]:
     value = first[name]
     batch[name] = np.zeros((len(rows), slots) + value.shape[1:], value.dtype)
+  if capacity:
+    batch["slot_tokens"] = np.full((len(rows), slots, capacity), -1, np.int32)
   for r, segments in enumerate(rows):
     at = 0
     for k, segment in enumerate(segments):
       n = len(segment["tokens"])
+      if capacity:
+        if n > capacity:
+          raise ValueError(f"a segment of {n} tokens exceeds slot capacity {capacity}: the capacity must be the data's largest sample")
+        batch["slot_tokens"][r, k, :n] = np.arange(at, at + n)
       batch["tokens"][r, at : at + n] = segment["tokens"]
       batch["positions"][r, at : at + n] = segment["positions"]
       batch["segment_ids"][r, at : at + n] = k + 1
       at += n
       for name, value in batch.items():
-        if name not in ("tokens", "positions", "segment_ids"):
+        if name not in ("tokens", "positions", "segment_ids", "slot_tokens"):
           value[r, k] = segment[name][0]
   return batch
 
@@ -354,7 +372,8 @@ def packed_dataset(examples, config, *, process_index=0, process_count=1, seed=0
   plans = PackPlanIterDataset(
       tokens, rows=config.train.rows_per_batch, row_tokens=row_tokens, slots=config.train.max_segments_per_row,
       seed=seed, shuffle=shuffle, repeat=repeat, process_index=process_index, process_count=process_count)
-  return plans.map(PackRows(lambda positions, records: [examples[r] for r in records], config))
+  capacity = slot_capacity(max(tokens, default=0), row_tokens)
+  return plans.map(PackRows(lambda positions, records: [examples[r] for r in records], config, capacity))
 
 
 def packing_efficiency(batch) -> float:

@@ -194,6 +194,12 @@ def _mesh_axes(name):
   return (axes,) if isinstance(axes, str) else tuple(axes)
 
 
+def length_is_split() -> bool:
+  """True when the ambient mesh splits the logical "length" axis (context parallelism)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return not mesh.empty and _size(mesh, _mesh_axes("length")) > 1
+
+
 def _mesh_layout(rows, heads, context_parallel, impl):
   """(mesh, batch axes, length axes, head axes) for shard_map, or None to call the
   backend directly (no mesh, or nothing to split: GSPMD partitions the einsum/XLA

@@ -13,7 +13,11 @@ text {text_tokens | text_embeddings, text_mask [R, K, S]}, drop_text [R, K]) -> 
   relative offsets, so a token cannot tell it is at the left of the frame.
 - Cross-attention: every token sees only the caption of its own segment (text of
   slot k belongs to segment k + 1; the K captions are flattened to K*S keys whose
-  segment id is k + 1 where the text is valid, else 0).
+  segment id is k + 1 where the text is valid, else 0). Given `slot_tokens` (the packer
+  adds it when samples are at most half a row, vidsim/data/packing.py), the general path
+  instead gathers each slot's queries and attends them to that slot's S keys alone:
+  the same v, without scoring every token against the K - 1 other captions (on the
+  einsum / xla / cudnn backends, when the length is not split over the mesh).
 - Time is per token (clean conditioning tokens have t = 0). Modulation is
   adaLN-single (PixArt-alpha): one timestep MLP gives 6 * width per token, shared
   by every block, plus a learned per-block (6, width) table. A per-block adaLN
@@ -41,7 +45,7 @@ from flax import nnx
 
 from vidsim import mesh as mesh_lib
 from vidsim.errors import UsageError
-from vidsim.models import layers
+from vidsim.models import attention, layers
 from vidsim.models.text import make_text_encoder
 
 MODULATIONS = 6  # shift, scale, gate for attention; the same for the MLP.
@@ -74,11 +78,11 @@ class DiTBlock(nnx.Module):
     )
     self.mlp = layers.Mlp(d.width, d.mlp_ratio, d.mlp, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x, time_mod, rope, segment_ids, context, context_segment_ids):
+  def __call__(self, x, time_mod, rope, segment_ids, context, context_segment_ids, slots=None):
     mod = time_mod + self.modulation[...].astype(time_mod.dtype)  # [R, L, 6, W]
     shift1, scale1, gate1, shift2, scale2, gate2 = jnp.unstack(mod, axis=2)
     x = x + gate1 * self.attn(layers.modulate(layers.layer_norm(x), shift1, scale1), segment_ids, rope)
-    x = x + self.cross(layers.layer_norm(x), context, segment_ids, context_segment_ids)
+    x = x + self.cross(layers.layer_norm(x), context, segment_ids, context_segment_ids, slots)
     x = x + gate2 * self.mlp(layers.modulate(layers.layer_norm(x), shift2, scale2))
     return mesh_lib.constrain(x, "batch", "length", "embed")
 
@@ -98,6 +102,8 @@ class DiT(nnx.Module):
     self.remat = d.remat
     self.scan_unroll = d.get("scan_unroll", 1)  # Configs saved before the key existed: 1.
     self.rope_theta = d.rope_theta
+    self.attention_impl = d.attention_impl
+    self.per_slot = bool(d.get("per_slot_cross_attention", True))  # Configs saved before the key existed.
     if d.position_embedding not in POSITION_EMBEDDINGS:
       raise UsageError(f"dit.position_embedding={d.position_embedding!r}; valid: {', '.join(POSITION_EMBEDDINGS)}")
     self.position_embedding = d.position_embedding
@@ -147,10 +153,11 @@ class DiT(nnx.Module):
     context = jnp.where(drop[:, :, None, None], self.null_text[...].astype(context.dtype), context)
     return context, mask | drop[:, :, None]
 
-  def __call__(self, x_t, t, positions, segment_ids, text, drop_text, path="auto"):
+  def __call__(self, x_t, t, positions, segment_ids, text, drop_text, path="auto", slot_tokens=None):
     """v for every token. `path`: "auto" picks the blocked path on the device where
     `segments_in_blocks` holds; "dense" / "blocked" force one (the train step picks it
-    outside the gradient: see `vidsim.train.dit_step`)."""
+    outside the gradient: see `vidsim.train.dit_step`). `slot_tokens` [R, K, M]: the
+    packed batch's, for the general path's per-slot cross-attention (module docstring)."""
     r, l, p = x_t.shape
     if p != self.patch_dim:
       raise UsageError(
@@ -161,24 +168,37 @@ class DiT(nnx.Module):
     segment_ids = segment_ids.astype(jnp.int32)
     args = (x_t, t, positions, segment_ids, text, drop_text)
     n = self.segment_blocks
+    dense = lambda model, *a: model._dense(*a, slot_tokens=slot_tokens)
     if path == "dense" or not blocked_path_possible(n, l):
-      return self._dense(*args)
+      return dense(self, *args)
     if path == "blocked":
       return self._blocked(n, *args)
     # Both paths compute the same v for every token; the blocked one skips the
     # cross-block attention pairs and the captions no block uses.
     aligned = segments_in_blocks(segment_ids, n, drop_text.shape[1])
     # nnx.cond, not jax.lax.cond: the branches run the nnx.scan'd blocks of `model`.
-    return nnx.cond(aligned, lambda model, *a: model._blocked(n, *a), lambda model, *a: model._dense(*a), self, *args)
+    return nnx.cond(aligned, lambda model, *a: model._blocked(n, *a), dense, self, *args)
 
-  def _dense(self, x_t, t, positions, segment_ids, text, drop_text):
-    """The general path: every row attends over its whole length (masked by segment) and
-    every token's cross-attention keys are all K caption slots (masked to its own)."""
+  def _dense(self, x_t, t, positions, segment_ids, text, drop_text, slot_tokens=None):
+    """The general path: every row attends over its whole length (masked by segment);
+    cross-attention runs per caption slot where `slot_tokens` is given and
+    `per_slot_cross_attention` allows, else every token's keys are all K caption slots
+    (masked to its own)."""
     context, mask = self.encode_text(text, drop_text)
     r, k, s, c = context.shape
-    slots = jnp.arange(1, k + 1, dtype=jnp.int32)[None, :, None]
-    key_segments = jnp.where(mask, slots, 0).reshape(r, k * s)
-    return self._body(x_t, t, positions, segment_ids, context.reshape(r, k * s, c), key_segments)
+    slot_ids = jnp.arange(1, k + 1, dtype=jnp.int32)[None, :, None]
+    key_segments = jnp.where(mask, slot_ids, 0)
+    if slot_tokens is not None and self.per_slot_cross_attention():
+      slots = layers.caption_slots(segment_ids, slot_tokens.astype(jnp.int32))
+      return self._body(x_t, t, positions, segment_ids, context, key_segments, slots)
+    return self._body(x_t, t, positions, segment_ids, context.reshape(r, k * s, c), key_segments.reshape(r, k * s))
+
+  def per_slot_cross_attention(self) -> bool:
+    """dit.per_slot_cross_attention, where it applies: it gathers queries along the row,
+    so not where the row's length is split over the mesh, nor for the splash kernel
+    (TPU tiles of 128)."""
+    return (self.per_slot and attention.resolve_impl(self.attention_impl) != "splash"
+            and not attention.length_is_split())
 
   def _blocked(self, n, x_t, t, positions, segment_ids, text, drop_text):
     """Rows of n aligned blocks (segments_in_blocks holds) run as R*n rows of L/n tokens:
@@ -196,7 +216,7 @@ class DiT(nnx.Module):
     v = self._body(rows(x_t), rows(t), rows(positions), rows(segment_ids), context.reshape(r * n, s, c), key_segments)
     return v.reshape(r, l, p)
 
-  def _body(self, x_t, t, positions, segment_ids, context, key_segments):
+  def _body(self, x_t, t, positions, segment_ids, context, key_segments, slots=None):
     r, l, _ = x_t.shape
     rope = layers.rope_angles(positions, self.head_dim, self.rope_theta)
     x = self.patch_embed(x_t.astype(self.dtype))
@@ -206,7 +226,7 @@ class DiT(nnx.Module):
     time = self.time_embed(t)  # [R, L, W]
     time_mod = self.time_modulation(jax.nn.silu(time)).reshape(r, l, MODULATIONS, -1)
     x = layers.run_layers(
-        self.blocks, x, time_mod, rope, segment_ids, context, key_segments, remat=self.remat,
+        self.blocks, x, time_mod, rope, segment_ids, context, key_segments, slots, remat=self.remat,
         unroll=self.scan_unroll,
     )
     shift, scale = jnp.unstack(self.final_modulation[...].astype(time.dtype) + time[:, :, None], axis=2)

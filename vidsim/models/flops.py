@@ -18,7 +18,8 @@ What is counted is a `Work`, of which a step has two:
 - executed (`batch_work(..., "executed")`): what the step computes: every token of a
   row, the whole L x L square of a row (or n blocks of (L/n)^2 where
   dit.segment_blocks = n applies), all K caption slots of a row against every token (or
-  one caption per block).
+  one caption per block, or, where the batch has `slot_tokens` [R, K, M], each slot's M
+  query places against its own caption).
 """
 
 import dataclasses
@@ -64,7 +65,12 @@ def batch_work(config, host_batch, kind: str = "useful") -> Work:
     if n > 1 and length % n == 0 and bool(segments_in_blocks(ids, n, k)):
       return Work(image_tokens=rows * length, self_pairs=rows * n * (length // n) ** 2, captions=rows * n,
                   cross_pairs=rows * length * s)
-    return dense_work(rows, length, k * s, k)
+    work = dense_work(rows, length, k * s, k)
+    if "slot_tokens" in host_batch and config.dit.get("per_slot_cross_attention", True):
+      # Per-slot cross-attention: K x M gathered queries, S keys each (the model's
+      # per_slot_cross_attention() also needs an unsplit length and a non-splash kernel).
+      work = dataclasses.replace(work, cross_pairs=rows * k * host_batch["slot_tokens"].shape[2] * s)
+    return work
   if kind != "useful":
     raise ValueError(f"kind {kind!r}: useful | executed")
   real = ids > 0

@@ -8,6 +8,7 @@ carries logical axis names (see config.mesh.rules); stacked layers get the extra
 leading "layers" axis.
 """
 
+import functools
 import math
 
 import jax
@@ -197,18 +198,48 @@ class CrossAttention(nnx.Module):
     self.q_norm = rms_norm(head_dim, dtype, rngs) if qk_norm else None
     self.k_norm = rms_norm(head_dim, dtype, rngs) if qk_norm else None
 
-  def __call__(self, x, context, segment_ids, context_segment_ids):
+  def __call__(self, x, context, segment_ids, context_segment_ids, slots=None):
     """segment_ids [R, L] of the queries; context_segment_ids [R, S] of the keys (0 =
-    not a key). A query whose segment has no key (an empty caption) gets 0."""
+    not a key). A query whose segment has no key (an empty caption) gets 0.
+
+    slots: None, or (slot_tokens [R, K, M], back [R, L]) from `caption_slots`, with
+    context [R, K, S, C] and context_segment_ids [R, K, S]: each slot's M gathered
+    queries attend to its own S keys only, and every token takes its output back from
+    its place in its slot. The same result as the flattened K*S keys, without the
+    scores of every token against the other K - 1 captions."""
     q = self.q(x)
+    if slots is not None:
+      r, k_slots, s, c = context.shape
+      context = context.reshape(r, k_slots * s, c)
     k, v = jnp.unstack(self.kv(context), axis=2)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
-    out = attention.attend(
-        q, k, v, segment_ids, context_segment_ids, impl=self.impl, context_parallel=self.context_parallel,
-        block_sizes=dict(self.block_sizes), kv_sharded=False,
-    )
-    return self.out(out)
+    call = functools.partial(attention.attend, impl=self.impl, block_sizes=dict(self.block_sizes), kv_sharded=False)
+    if slots is None:
+      return self.out(call(q, k, v, segment_ids, context_segment_ids, context_parallel=self.context_parallel))
+    slot_tokens, back = slots
+    m = slot_tokens.shape[2]
+    h, d = q.shape[2:]
+    per_slot = lambda a: a.reshape((r * k_slots, -1) + a.shape[2:])
+    queries = jnp.take_along_axis(q, jnp.maximum(slot_tokens, 0).reshape(r, k_slots * m, 1, 1), axis=1)
+    ids = lambda a: (a.reshape(r * k_slots, -1) > 0).astype(jnp.int32)  # 1: a query / key of the slot.
+    out = call(per_slot(queries), per_slot(k), per_slot(v), ids(slot_tokens + 1), ids(context_segment_ids),
+               context_parallel=None)
+    out = jnp.take_along_axis(out.reshape(r, k_slots * m, h, d), back[:, :, None, None], axis=1)
+    return self.out(jnp.where((segment_ids > 0)[:, :, None, None], out, 0))
+
+
+def caption_slots(segment_ids, slot_tokens):
+  """(slot_tokens [R, K, M], back [R, L]) for CrossAttention's per-slot path: back is
+  each token's index into the K*M gathered queries (slot * M + its offset in the
+  segment; 0 for padding, whose output is zeroed). slot_tokens is the packed batch's
+  (vidsim/data/packing.py): row positions of segment k+1's tokens, -1 past its end."""
+  r, k, m = slot_tokens.shape
+  slot = jnp.maximum(segment_ids - 1, 0)
+  start = jnp.take_along_axis(slot_tokens[:, :, 0], slot, axis=1)
+  offset = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)[None] - start
+  back = jnp.where(segment_ids > 0, slot * m + offset, 0)
+  return slot_tokens, jnp.clip(back, 0, k * m - 1).astype(jnp.int32)
 
 
 # ------------------------------------------------------------------ MLP

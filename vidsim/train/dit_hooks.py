@@ -101,7 +101,8 @@ def make_loss_fn(graphdef, with_null=True):
       t_tokens = jnp.where(real, t, 0.0)
       x_t = flow.noise_tokens(x0, eps, t_tokens)
       for dropped in (False, True) if with_null else (False,):
-        v = model(x_t, t_tokens, batch["positions"], batch["segment_ids"], text, jnp.full(slots, dropped))
+        v = model(x_t, t_tokens, batch["positions"], batch["segment_ids"], text, jnp.full(slots, dropped),
+                  slot_tokens=batch.get("slot_tokens"))
         out[(t, dropped)] = flow.flow_loss(v, eps - x0, real, t_tokens)[0]
     return out
 

@@ -36,7 +36,7 @@ def make_train_step(config, graphdef, optimizer):
     inputs = flow.flow_training_inputs(rng, batch, config)
     model = nnx.merge(graphdef, params)
     v_pred = model(inputs["x_t"], inputs["t"], batch["positions"], batch["segment_ids"],
-                   packing.text_inputs(batch), inputs["drop_text"], path=path)
+                   packing.text_inputs(batch), inputs["drop_text"], path=path, slot_tokens=batch.get("slot_tokens"))
     return flow.flow_loss(v_pred, inputs["v_target"], inputs["loss_mask"], inputs["t"])
 
   def gradients(params, batch, rng, path):
