@@ -2,15 +2,14 @@
 
 Command:
   make demo                      # = vidsim demo --config experiments/digits_demo.py --workdir runs/demo
-Expected runtime: 17.4 minutes (1,041 s) for `make demo`, 2 cores of an AMD EPYC (Zen 5),
-nothing else running, in-process matmul rate ~440 GFLOP/s
-(docs/benchmarks.md, "The machine behind these figures"): VAE 2,000 steps 423 s, latent
-cache 24 s, DiT 2,000 steps 571 s (0.27 s a step), ten sampling tasks 17 s, the probe
-6 s, report < 1 s; the dataset, when not built yet, takes a few seconds more. At a
-rate of 470-530 GFLOP/s the same run takes 14.2 minutes.
+Expected runtime: 14.5 minutes (871 s) for `make demo`, 2 cores of an AMD EPYC (Zen 5),
+nothing else running, in-process matmul rate ~450 GFLOP/s
+(docs/benchmarks.md, "The machine behind these figures"): VAE 2,000 steps 401 s, latent
+cache 24 s, DiT 2,000 steps 429 s (0.20 s a step), ten sampling tasks 12 s, the probe
+4 s, report < 1 s; the dataset, when not built yet, takes a few seconds more.
 Expected result: runs/demo/report.html with every task's output. Measured: VAE 27.4 dB
 PSNR over the whole validation split (EMA); DiT flow loss 2.02 -> 0.53, packing
-efficiency 0.94; probe 3/20 digit, 19/20 colour, 0/20 direction. The samples are
+efficiency 0.94; probe 3/20 digit, 20/20 colour, 0/20 direction. The samples are
 coloured blobs and strokes that move, NOT recognisable digits: this config shows the
 pipeline working end to end, not sample quality (experiments/digits_quality.py does).
 """
