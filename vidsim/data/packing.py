@@ -59,7 +59,8 @@ def slot_capacity(max_sample_tokens: int, row_tokens: int) -> int:
   """M for `slot_tokens`, or 0 for none. With it the DiT's cross-attention runs per
   caption slot, M queries against that slot's S keys, instead of every token of the row
   against all K x S keys (vidsim/models/dit.py): at most half the attention scores when
-  M <= L/2, and the K x M gathered queries cost less than the scores saved."""
+  M <= L/2. The K x M gathered queries cost memory traffic of their own; at the demo and
+  quality shapes the step is 11-18% faster (docs/benchmarks.md, "Per-slot cross-attention")."""
   return int(max_sample_tokens) if 0 < max_sample_tokens <= row_tokens // 2 else 0
 
 
