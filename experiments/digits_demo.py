@@ -6,7 +6,7 @@ Expected runtime: 14.5 minutes (871 s) for `make demo`, 2 cores of an AMD EPYC (
 nothing else running, in-process matmul rate ~450 GFLOP/s
 (docs/benchmarks.md, "The machine behind these figures"): VAE 2,000 steps 401 s, latent
 cache 24 s, DiT 2,000 steps 429 s (0.20 s a step), ten sampling tasks 12 s, the probe
-4 s, report < 1 s; the dataset, when not built yet, takes a few seconds more.
+4 s, report < 1 s; building the dataset, where it is not in the data directory, adds ~3 s.
 Expected result: runs/demo/report.html with every task's output. Measured: VAE 27.4 dB
 PSNR over the whole validation split (EMA); DiT flow loss 2.02 -> 0.53, packing
 efficiency 0.94; probe 3/20 digit, 20/20 colour, 0/20 direction. The samples are

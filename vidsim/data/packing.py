@@ -64,6 +64,20 @@ def slot_capacity(max_sample_tokens: int, row_tokens: int) -> int:
   return int(max_sample_tokens) if 0 < max_sample_tokens <= row_tokens // 2 else 0
 
 
+def slot_positions(segment_ids, slots: int, capacity: int):
+  """`slot_tokens` [R, K, capacity] of a packed batch's segment_ids [R, L]: the row
+  positions of segment k+1's tokens, -1 past its end."""
+  out = np.full(segment_ids.shape[:1] + (slots, capacity), -1, np.int32)
+  for r, row in enumerate(segment_ids):
+    for k in range(slots):
+      where = np.flatnonzero(row == k + 1)
+      if len(where) > capacity:
+        raise ValueError(f"a segment of {len(where)} tokens exceeds slot capacity {capacity}: "
+                         "the capacity must be the data's largest sample")
+      out[r, k, : len(where)] = where
+  return out
+
+
 def model_inputs(host_batch) -> dict:
   """The device-bound arrays of a host batch (MODEL_KEYS that are present)."""
   return {k: host_batch[k] for k in MODEL_KEYS if k in host_batch}
@@ -341,23 +355,19 @@ def layout_rows(rows, config, capacity: int = 0):
   for name in ("segment_frames",) + _TEXT_FEATURES[config.text.encoder]:
     value = first[name]
     batch[name] = np.zeros((len(rows), slots) + value.shape[1:], value.dtype)
-  if capacity:
-    batch["slot_tokens"] = np.full((len(rows), slots, capacity), -1, np.int32)
   for r, segments in enumerate(rows):
     at = 0
     for k, segment in enumerate(segments):
       n = len(segment["tokens"])
-      if capacity:
-        if n > capacity:
-          raise ValueError(f"a segment of {n} tokens exceeds slot capacity {capacity}: the capacity must be the data's largest sample")
-        batch["slot_tokens"][r, k, :n] = np.arange(at, at + n)
       batch["tokens"][r, at : at + n] = segment["tokens"]
       batch["positions"][r, at : at + n] = segment["positions"]
       batch["segment_ids"][r, at : at + n] = k + 1
       at += n
       for name, value in batch.items():
-        if name not in ("tokens", "positions", "segment_ids", "slot_tokens"):
+        if name not in ("tokens", "positions", "segment_ids"):
           value[r, k] = segment[name][0]
+  if capacity:
+    batch["slot_tokens"] = slot_positions(batch["segment_ids"], slots, capacity)
   return batch
 
 

@@ -102,8 +102,7 @@ class DiT(nnx.Module):
     self.remat = d.remat
     self.scan_unroll = d.get("scan_unroll", 1)  # Configs saved before the key existed: 1.
     self.rope_theta = d.rope_theta
-    self.attention_impl = d.attention_impl
-    self.per_slot = bool(d.get("per_slot_cross_attention", True))  # Configs saved before the key existed.
+    self.per_slot = per_slot_enabled(d)
     if d.position_embedding not in POSITION_EMBEDDINGS:
       raise UsageError(f"dit.position_embedding={d.position_embedding!r}; valid: {', '.join(POSITION_EMBEDDINGS)}")
     self.position_embedding = d.position_embedding
@@ -194,11 +193,9 @@ class DiT(nnx.Module):
     return self._body(x_t, t, positions, segment_ids, context.reshape(r, k * s, c), key_segments.reshape(r, k * s))
 
   def per_slot_cross_attention(self) -> bool:
-    """dit.per_slot_cross_attention, where it applies: it gathers queries along the row,
-    so not where the row's length is split over the mesh, nor for the splash kernel
-    (TPU tiles of 128)."""
-    return (self.per_slot and attention.resolve_impl(self.attention_impl) != "splash"
-            and not attention.length_is_split())
+    """`per_slot_enabled`, and the row's length not split over the ambient mesh (the
+    gathers of queries along the row would cross shards)."""
+    return self.per_slot and not attention.length_is_split()
 
   def _blocked(self, n, x_t, t, positions, segment_ids, text, drop_text):
     """Rows of n aligned blocks (segments_in_blocks holds) run as R*n rows of L/n tokens:
@@ -232,6 +229,12 @@ class DiT(nnx.Module):
     shift, scale = jnp.unstack(self.final_modulation[...].astype(time.dtype) + time[:, :, None], axis=2)
     v = self.final(layers.modulate(layers.layer_norm(x), shift, scale))
     return v.astype(jnp.float32)
+
+
+def per_slot_enabled(d) -> bool:
+  """dit.per_slot_cross_attention (configs saved before the key existed: on), except for
+  the splash kernel (TPU tiles of 128)."""
+  return bool(d.get("per_slot_cross_attention", True)) and attention.resolve_impl(d.attention_impl) != "splash"
 
 
 def blocked_path_possible(segment_blocks: int, row_tokens: int) -> bool:

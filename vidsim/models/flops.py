@@ -31,7 +31,7 @@ from flax import nnx
 
 from vidsim.models import layers
 from vidsim.models import t5
-from vidsim.models.dit import MODULATIONS, DiT, patch_features, segments_in_blocks
+from vidsim.models.dit import MODULATIONS, DiT, patch_features, per_slot_enabled, segments_in_blocks
 from vidsim.models.text import TEXT_MLP_RATIO
 
 
@@ -66,9 +66,9 @@ def batch_work(config, host_batch, kind: str = "useful") -> Work:
       return Work(image_tokens=rows * length, self_pairs=rows * n * (length // n) ** 2, captions=rows * n,
                   cross_pairs=rows * length * s)
     work = dense_work(rows, length, k * s, k)
-    if "slot_tokens" in host_batch and config.dit.get("per_slot_cross_attention", True):
-      # Per-slot cross-attention: K x M gathered queries, S keys each (the model's
-      # per_slot_cross_attention() also needs an unsplit length and a non-splash kernel).
+    if "slot_tokens" in host_batch and per_slot_enabled(config.dit):
+      # Per-slot cross-attention: K x M gathered queries, S keys each (the model also
+      # needs the row's length unsplit over the mesh).
       work = dataclasses.replace(work, cross_pairs=rows * k * host_batch["slot_tokens"].shape[2] * s)
     return work
   if kind != "useful":
