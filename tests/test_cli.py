@@ -35,3 +35,9 @@ def test_bad_usage_exits_2(args, message):
   out = _vidsim(*args)
   assert out.returncode == 2
   assert message in out.stderr
+
+
+def test_bench_dit_segments_out_of_range_exits_2(repo_root):
+  out = _vidsim("bench", "dit", "--config", str(repo_root / "experiments/digits_tiny.py"), "--config.bench.segments_per_row=0")
+  assert out.returncode == 2
+  assert "bench.segments_per_row=0: use 1 to 8" in out.stderr

@@ -37,7 +37,7 @@ from vidsim.models import t5 as t5_lib
 from vidsim.models import t5_loader
 from vidsim.models import text as text_lib
 from vidsim.models import vae as vae_lib
-from vidsim.models.dit import patch_features
+from vidsim.models.dit import patch_features, per_slot_enabled
 from vidsim.train import checkpoint as ckpt_lib
 from vidsim.train import dit_step
 from vidsim.train.metrics import measure_matmul_flops_per_s
@@ -135,9 +135,7 @@ def synthetic_packed_batch(config, rows=None, segments_per_row=2, seed=0):
       "text_mask": np.broadcast_to(mask, (rows, k, mask.shape[-1])).copy(),
   }
   if capacity:  # As the packer lays out rows of samples up to half a row long.
-    slot_tokens = np.full((k, capacity), -1, np.int32)
-    slot_tokens[:segments_per_row] = np.arange(segments_per_row * per_segment).reshape(segments_per_row, per_segment)
-    batch["slot_tokens"] = np.broadcast_to(slot_tokens, (rows, k, capacity)).copy()
+    batch["slot_tokens"] = packing.slot_positions(batch["segment_ids"], k, capacity)
   return batch
 
 
@@ -150,10 +148,14 @@ def _stage_setup(config, mesh, name):
 
 
 def bench_dit(config):
+  segments = config.bench.get("segments_per_row", 2)
+  most = min(config.train.max_segments_per_row, config.train.row_tokens)
+  if not 1 <= segments <= most:
+    raise UsageError(f"bench.segments_per_row={segments}: use 1 to {most} (train.max_segments_per_row "
+                     f"caption slots, one token a segment at least)")
   mesh = mesh_lib.make_mesh(config)
   with mesh_lib.activate(mesh, config):
     _, state, step = _stage_setup(config, mesh, "dit")
-    segments = config.bench.get("segments_per_row", 2)
     host = synthetic_packed_batch(config, segments_per_row=segments)
     batch = mesh_lib.make_global_batch(host, mesh, config)
     _, seconds, times = _time_steps(step, state, batch, config.bench.warmup, config.bench.steps)
@@ -165,7 +167,7 @@ def bench_dit(config):
                 "params": flops_lib.dit_param_count(config)},
       "rows": host["segment_ids"].shape[0], "row_tokens": config.train.row_tokens,
       "segments_per_row": segments, "segment_blocks": config.dit.get("segment_blocks", 0),
-      "per_slot_cross_attention": "slot_tokens" in host and config.dit.get("per_slot_cross_attention", True),
+      "per_slot_cross_attention": "slot_tokens" in host and per_slot_enabled(config.dit),
       "step_time_s": seconds, "step_times_s": times, "tokens_per_s": tokens / seconds,
       # MFU counts the useful work (within-segment attention, the captions in use);
       # executed is what the step computes (see vidsim/models/flops.py).
