@@ -86,7 +86,7 @@ def test_connect_holds_end_of_first_and_start_of_second():
   assert out.given.tolist() == [True, False, False, True]
 
 
-def test_loop_bridges_clip_end_back_to_its_start():
+def test_loop_bridges_clip_end_back_to_its_frame_1():
   model = FakeModel()
   out = tasks.loop(model, num_samples=2, clip_frames=3, grid_hwc=HWC, window=4, overlap=1)
   assert out.latents.shape == (2, 3 + 2) + HWC  # The clip + the bridge's 2 new frames.
@@ -94,8 +94,16 @@ def test_loop_bridges_clip_end_back_to_its_start():
   bridge = model.calls[1][0]
   assert bridge.clean.tolist() == [True, False, False, True]
   np.testing.assert_array_equal(bridge.values[0], clip[0, -1])
-  np.testing.assert_array_equal(bridge.values[-1], clip[0, 0])
+  # The bridge arrives at latent frame 1 (not frame 0, one pixel frame that a window's
+  # end would stretch to ct); the decoded frame 0 is left out, the bridge's end in its place.
+  np.testing.assert_array_equal(bridge.values[-1], clip[0, 1])
+  assert out.drop_first_frames == 1
   assert not out.given.any()
+
+
+def test_loop_clip_must_hold_frame_0_and_the_overlap():
+  with pytest.raises(UsageError, match="too short"):
+    tasks.loop(FakeModel(), num_samples=1, clip_frames=1, grid_hwc=HWC, window=4, overlap=1)
 
 
 def test_edit_window_and_strength_range():

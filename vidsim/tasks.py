@@ -10,8 +10,13 @@ they build and how they stitch the results:
   extend-forward   windows whose first frames are the last frames made so far
   extend-backward  windows whose last frames are the first frames made so far
   connect          first frames = V1's end, last frames = V2's start
-  loop             a t2v clip, then a connect window from its end back to its start
+  loop             a t2v clip, then a bridge window from its end back to its frame 1
   edit             nothing clean; start from the source noised to time `strength` (SDEdit)
+
+The causal VAE's latent frame 0 is one pixel frame encoded as an image; each later
+latent frame is `temporal_compression` (ct) frames that follow the ones before. So a
+loop's bridge ends on the clip's latent frame 1, not 0: a frame 0 at a window's end
+decodes to ct frames, which leaves the loop's end about ct frames short of its start.
 
 Everything here is numpy and pure; the sequential tasks take a `generate` callback
 (list of Windows -> latents [N, t, h, w, c]) so they are testable without a model.
@@ -48,10 +53,12 @@ class Window:
 
 @dataclasses.dataclass(frozen=True)
 class Stitched:
-  """A task's latents [N, t, h, w, c] and which latent frames came from the inputs."""
+  """A task's latents [N, t, h, w, c] and which latent frames came from the inputs;
+  the first `drop_first_frames` pixel frames they decode to are not part of the output."""
 
   latents: np.ndarray
   given: np.ndarray  # bool [t]
+  drop_first_frames: int = 0
 
 
 # ------------------------------------------------------------------ windows
@@ -177,15 +184,18 @@ def connect(generate, first, second, window: int, overlap: int) -> Stitched:
 
 def loop(generate, num_samples: int, clip_frames: int, grid_hwc, window: int, overlap: int) -> Stitched:
   """Clips that play seamlessly in a loop: a t2v clip A, then a bridge window from A's
-  last `overlap` frames back to A's first ones; the output is A followed by the
-  bridge's new frames, so its end leads into its start."""
+  last `overlap` latent frames to its frames 1..overlap. The output is A and the
+  bridge's new frames, less A's first pixel frame: the bridge's last frame stands where
+  it stood, so the output's end leads into its first frame, A's frame 1."""
   overlap = resolve_overlap(window, overlap, ends=2)
-  if clip_frames < overlap:
-    raise UsageError(f"a loop clip of {clip_frames} latent frames is shorter than the overlap {overlap}")
+  if clip_frames < 1 + overlap:
+    raise UsageError(
+        f"a loop clip of {clip_frames} latent frames is too short to hold latent frame 0 and an overlap of {overlap}"
+    )
   clip = generate([empty_window((clip_frames,) + tuple(grid_hwc)) for _ in range(num_samples)])
-  bridge = generate([bridge_window(c[-overlap:], c[:overlap], window) for c in clip])
+  bridge = generate([bridge_window(c[-overlap:], c[1 : 1 + overlap], window) for c in clip])
   latents = np.concatenate([clip, bridge[:, overlap : window - overlap]], axis=1)
-  return Stitched(latents, np.zeros(latents.shape[1], bool))
+  return Stitched(latents, np.zeros(latents.shape[1], bool), drop_first_frames=1)
 
 
 def pixel_given(given_latent, temporal_compression: int) -> np.ndarray:

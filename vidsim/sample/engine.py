@@ -186,7 +186,8 @@ def _ode(config, graphdef, params, eps, x_init, clean, x_clean, positions, segme
 @dataclasses.dataclass
 class Generation:
   """What a task made: videos uint8 [N, T, H, W, 3], normalised latents [N, t, h, w, c],
-  and which frames were given as conditions (bool [T] pixel frames, bool [t] latent frames)."""
+  and which frames were given as conditions (bool [T] pixel frames, bool [t] latent frames).
+  A loop's videos leave out the first pixel frame its latents decode to (tasks.loop)."""
 
   videos: np.ndarray
   latents: np.ndarray
@@ -231,6 +232,7 @@ def generate(engine: Engine, task: str, prompts, *, frames: int, height: int, wi
   result = spec.run(tasks_lib.TaskRun(
       grid=grid, window=sizes.latent_frames(config, window_frames), overlap=overlap, strength=strength,
       num_samples=len(prompts), sample=sample, encode=encode, image=image, video=video, video2=video2))
-  videos = engine.decode(result.latents)
-  given = tasks_lib.pixel_given(result.given, config.vae.temporal_compression)
+  drop = result.drop_first_frames
+  videos = engine.decode(result.latents)[:, drop:]
+  given = tasks_lib.pixel_given(result.given, config.vae.temporal_compression)[drop:]
   return Generation(videos, result.latents, given, result.given)
