@@ -185,8 +185,8 @@ def connect(generate, first, second, window: int, overlap: int) -> Stitched:
 def loop(generate, num_samples: int, clip_frames: int, grid_hwc, window: int, overlap: int) -> Stitched:
   """Clips that play seamlessly in a loop: a t2v clip A, then a bridge window from A's
   last `overlap` latent frames to its frames 1..overlap. The output is A and the
-  bridge's new frames, less A's first pixel frame: the bridge's last frame stands where
-  it stood, so the output's end leads into its first frame, A's frame 1."""
+  bridge's new frames, less A's first pixel frame, whose place the bridge's last frame
+  takes: the output's end leads into its first frame, A's frame 1."""
   overlap = resolve_overlap(window, overlap, ends=2)
   if clip_frames < 1 + overlap:
     raise UsageError(
