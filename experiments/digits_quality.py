@@ -27,6 +27,9 @@ The digit comes from step ~2,000 (21/40), the direction from ~3,000 (17/40 there
 at 3,500). The conditioned tasks keep the given frames, colour and motion better than
 the digit's shape. docs/generate.md ("What the outputs look like") has every task's
 command and still, the training progress, and why each setting below is what it is.
+Trained on moving_digits.captions=mixed (short and descriptive captions) instead, it had
+bound neither the digit nor the direction word by step 3,500 (6/40, 3/40; the run above:
+34/40, 33/40): docs/text.md, "Do descriptive training captions raise prompt following?".
 """
 
 import os
