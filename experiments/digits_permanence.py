@@ -29,11 +29,11 @@ of its ceiling, the rest far below. At step 4,000 it was still learning: from st
 4,000 t2v rose 0.10 -> 0.30, permanence 0.30 -> 0.40, i2v 0.30 -> 0.45, and the
 held-out direction-word gain at t = 0.9 0.023 -> 0.167; the digit's shape is what it
 lacks most (digit reads 0.35 in t2v, 0.45 kept behind the bar, where position is
-already 0.85). docs/eval.md has the curve. Twice the DiT steps
-(--config.train.steps=8000; 2 h 8 min, 0.87 s a step, partly beside other jobs) did not close the gap: held-out loss 0.134 ->
-0.118, i2v 0.45 -> 0.75 and edit 0.60 -> 0.85, but t2v stayed at 0.30, permanence fell
-to 0.20 and the extensions to 0; the digit word still barely moves the loss
-(docs/eval.md, "A longer schedule").
+already 0.85). docs/eval.md has the curve. Twice the DiT steps (--config.train.steps=8000;
+2 h 8 min, 0.87 s a step, partly beside other jobs) did not close the gap: held-out loss
+0.134 -> 0.118, i2v 0.45 -> 0.75 and edit 0.60 -> 0.85, but t2v stayed at 0.30,
+permanence fell to 0.20 and the extensions to 0; the digit word still barely moves the
+loss (docs/eval.md, "A longer schedule").
 """
 
 import os
