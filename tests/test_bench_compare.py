@@ -46,3 +46,21 @@ def test_the_synthetic_batch_has_one_caption_per_segment():
   assert not batch["text_mask"][:, 2:].any()  # Slots without a segment are empty.
   positions = batch["positions"][0, :512]
   assert positions.max(0).tolist() == [3, 15, 7]  # 4 frames x 16 x 8, the peer's grid.
+
+
+def test_the_synthetic_batch_of_a_precomputed_text_model_carries_embeddings():
+  # The pod configs read an offline encoder's embeddings: the bench batch must hold them.
+  c = config_lib.load_config(str(EXPERIMENTS / "pod_dit_1b_256p.py"), ["--config.train.row_tokens=256"])
+  batch = synthetic_packed_batch(c, rows=1)
+  k, s, e = c.train.max_segments_per_row, c.text.max_length, c.text.embed_dim
+  assert "text_tokens" not in batch and batch["text_embeddings"].shape == (1, k, s, e)
+  assert not batch["text_embeddings"][~batch["text_mask"]].any()  # Zero past each caption, as cached.
+  assert batch["text_embeddings"][batch["text_mask"]].std() > 0.5
+
+
+def test_mfu_of_peak_knows_the_published_chips_only():
+  from vidsim.train.metrics import published_peak_flops_per_s
+  assert published_peak_flops_per_s("NVIDIA H200") == 989e12
+  assert published_peak_flops_per_s("TPU v5p") == 459e12
+  assert published_peak_flops_per_s("NVIDIA H100 PCIe") is None  # Another part, another peak.
+  assert published_peak_flops_per_s("cpu") is None

@@ -40,7 +40,7 @@ from vidsim.models import vae as vae_lib
 from vidsim.models.dit import patch_features, per_slot_enabled
 from vidsim.train import checkpoint as ckpt_lib
 from vidsim.train import dit_step
-from vidsim.train.metrics import measure_matmul_flops_per_s
+from vidsim.train.metrics import measure_matmul_flops_per_s, published_peak_flops_per_s
 from vidsim.train.stage import assemble
 
 log = get_logger("bench")
@@ -52,12 +52,17 @@ def run_bench(args, config):
   if args.what not in benchmarks:
     raise UsageError(f"unknown benchmark {args.what!r}; choose from {sorted(benchmarks)}")
   result = {"benchmark": args.what, "config": args.config, **_machine()}
-  result["matmul_flops_per_s"] = measure_matmul_flops_per_s()
+  result.update(_matmul_rate())
   result.update(benchmarks[args.what](config))
   if "flops_per_s" in result:
     result["mfu"] = result["flops_per_s"] / result["matmul_flops_per_s"]
+    if result["peak_flops_per_s"]:
+      result["mfu_of_peak"] = result["flops_per_s"] / result["peak_flops_per_s"]
   if "executed_flops_per_s" in result:
     result["executed_mfu"] = result["executed_flops_per_s"] / result["matmul_flops_per_s"]
+  memory = jax.devices()[0].memory_stats()  # None on CPU.
+  if memory and "peak_bytes_in_use" in memory:
+    result["device_peak_bytes"] = memory["peak_bytes_in_use"]
   peer = getattr(args, "peer_seconds", None)
   if peer and "step_time_s" in result:
     result["peer_step_time_s"] = peer
@@ -68,6 +73,20 @@ def run_bench(args, config):
     epath.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     epath.Path(args.out).write_text(text + "\n")
   return result
+
+
+def _matmul_rate():
+  """The MFU denominator, measured here: a 2048^3 fp32 matmul on CPU (the models' dtype
+  there; no published peak); an 8192^3 bf16 one on an accelerator, whose fp32 matmul
+  runs on other units (or as TF32) and whose bf16 rate is what its models are built for.
+  `peak_flops_per_s` is the chip's published bf16 peak where known (mfu_of_peak)."""
+  if jax.default_backend() == "cpu":
+    size, dtype = 2048, "float32"
+  else:
+    size, dtype = 8192, "bfloat16"
+  return {"matmul_flops_per_s": measure_matmul_flops_per_s(size, dtype=jax.numpy.dtype(dtype)),
+          "matmul_size": size, "matmul_dtype": dtype,
+          "peak_flops_per_s": published_peak_flops_per_s(jax.devices()[0].device_kind)}
 
 
 def _machine():
@@ -134,6 +153,10 @@ def synthetic_packed_batch(config, rows=None, segments_per_row=2, seed=0):
       "text_tokens": np.broadcast_to(ids, (rows, k, ids.shape[-1])).astype(np.int32),
       "text_mask": np.broadcast_to(mask, (rows, k, mask.shape[-1])).copy(),
   }
+  if config.text.encoder == "precomputed":  # An offline encoder's cached embeddings, as latents.py loads them.
+    embeddings = rng.standard_normal((k, mask.shape[-1], config.text.embed_dim)).astype(np.float32) * mask[..., None]
+    batch["text_embeddings"] = np.broadcast_to(embeddings, (rows, *embeddings.shape))
+    del batch["text_tokens"]
   if capacity:  # As the packer lays out rows of samples up to half a row long.
     batch["slot_tokens"] = packing.slot_positions(batch["segment_ids"], k, capacity)
   return batch

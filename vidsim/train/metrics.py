@@ -70,8 +70,9 @@ def read_metrics(path) -> list:
 # ------------------------------------------------------------------ MFU
 
 
-def measure_matmul_flops_per_s(size: int = 2048, min_seconds: float = 1.0) -> float:
-  """FLOP/s of a large fp32 matmul on one device: the ceiling MFU is measured against.
+def measure_matmul_flops_per_s(size: int = 2048, min_seconds: float = 1.0, dtype=jnp.float32) -> float:
+  """FLOP/s of a large matmul (fp32 unless `dtype` says) on one device: the ceiling MFU
+  is measured against.
 
   On CPU there is no published peak, so the measured rate of the operation the models
   are made of is the honest denominator. Measure it in the same process as the model,
@@ -79,8 +80,8 @@ def measure_matmul_flops_per_s(size: int = 2048, min_seconds: float = 1.0) -> fl
   matmul is at the mercy of whatever else the machine is doing).
   """
   key = jax.random.key(0)
-  a = jax.random.normal(key, (size, size), jnp.float32)
-  b = jax.random.normal(jax.random.fold_in(key, 1), (size, size), jnp.float32)
+  a = jax.random.normal(key, (size, size), dtype)
+  b = jax.random.normal(jax.random.fold_in(key, 1), (size, size), dtype)
   matmul = jax.jit(lambda x, y: x @ y)
   matmul(a, b).block_until_ready()
   times = []
@@ -92,8 +93,18 @@ def measure_matmul_flops_per_s(size: int = 2048, min_seconds: float = 1.0) -> fl
   return 2 * size**3 / float(np.median(times))
 
 
-# Published dense bf16 peaks per chip, for MFU on accelerators.
-_PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12}
+# Published dense bf16 peaks per chip, for MFU on accelerators (the H100 / H200 figure is
+# the SXM part's; jax names the PCIe H100 "NVIDIA H100 PCIe", which does not match).
+_PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12,
+               "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H200": 989e12}
+
+
+def published_peak_flops_per_s(device_kind: str):
+  """The chip's published dense bf16 FLOP/s, or None for a chip not in the table (CPUs)."""
+  for name, peak in _PEAK_FLOPS.items():
+    if device_kind.startswith(name):
+      return peak
+  return None
 
 
 def peak_flops_per_s(config) -> float:
@@ -104,10 +115,9 @@ def peak_flops_per_s(config) -> float:
   """
   if config.peak_flops_per_device > 0:
     return config.peak_flops_per_device * jax.device_count()
-  kind = jax.devices()[0].device_kind
-  for name, peak in _PEAK_FLOPS.items():
-    if kind.startswith(name):
-      return peak * jax.device_count()
+  peak = published_peak_flops_per_s(jax.devices()[0].device_kind)
+  if peak:
+    return peak * jax.device_count()
   return measure_matmul_flops_per_s() * jax.process_count()
 
 
