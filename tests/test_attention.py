@@ -55,8 +55,10 @@ def loss_and_grads(fn, q, k, v):
 
 
 def assert_close(got, want, atol):
+  # rtol for the summed loss (~20): its float32 rounding depends on the reduction order,
+  # which the compiler picks (1.5e-6 relative seen); atol holds the gradients.
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=atol)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=atol, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["self", "cross"])

@@ -165,6 +165,7 @@ def test_mesh_with_every_axis_larger_than_one_on_16_devices():
   import subprocess
   import sys
 
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=16", JAX_PLATFORMS="cpu")
+  flags = f"{os.environ.get('VIDSIM_TEST_XLA_FLAGS', '')} --xla_force_host_platform_device_count=16"
+  env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, "-c", _EVERY_AXIS_SCRIPT], env=env, capture_output=True, text=True)
   assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]

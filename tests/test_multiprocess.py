@@ -25,7 +25,7 @@ def run_processes(args, count, devices_per_process, env=None, timeout=600):
   for pid in range(count):
     process_env = dict(os.environ, **(env or {}))
     process_env.update(
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
+        XLA_FLAGS=f"{os.environ.get('VIDSIM_TEST_XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices_per_process}",
         JAX_PLATFORMS="cpu",
         VIDSIM_COORDINATOR=f"127.0.0.1:{port}",
         VIDSIM_NUM_PROCESSES=str(count),
@@ -47,7 +47,8 @@ def run_processes(args, count, devices_per_process, env=None, timeout=600):
 
 def run_single(args, devices, env=None):
   process_env = dict(os.environ, **(env or {}))
-  process_env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+  process_env.update(XLA_FLAGS=f"{os.environ.get('VIDSIM_TEST_XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}",
+                     JAX_PLATFORMS="cpu")
   for var in ("VIDSIM_COORDINATOR", "VIDSIM_NUM_PROCESSES", "VIDSIM_PROCESS_ID"):
     process_env.pop(var, None)
   return subprocess.run([sys.executable, "-m", "vidsim", *args], env=process_env, capture_output=True, text=True)
