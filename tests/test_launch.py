@@ -175,7 +175,7 @@ def data_env(tmp_path_factory):
 HEARTBEAT_S = 10
 # A VAE run long enough to be killed mid-way: checkpoints at 4 and 8 of 10 steps.
 TINY = ["--config", str(REPO / "experiments" / "digits_tiny.py"), "--config.vae_train.recon_every=0",
-        "--config.peak_flops_per_device=1e10", "--config.checkpoint.async_save=false",
+        "--config.vae_train.final_eval=false", "--config.peak_flops_per_device=1e10", "--config.checkpoint.async_save=false",
         "--config.data.buckets=((5, 16, 16),)", "--config.vae_train.steps=10", "--config.vae_train.checkpoint_every=4",
         "--config.vae_train.log_every=1", f"--config.distributed.heartbeat_timeout_s={HEARTBEAT_S}"]
 

@@ -67,8 +67,9 @@ def test_two_processes_train_like_one_and_resume_onto_other_layouts(tmp_path, re
   config = str(repo_root / "experiments" / "digits_tiny.py")
   assert run_single(["data", "prepare", "--config", config], 8, data_env).returncode == 0
   # One bucket: one compilation per run keeps this test to minutes.
-  common = ["--config", config, "--config.vae_train.recon_every=0", "--config.peak_flops_per_device=1e10",
-            "--config.checkpoint.async_save=false", "--config.data.buckets=((5, 16, 16),)"]
+  common = ["--config", config, "--config.vae_train.recon_every=0", "--config.vae_train.final_eval=false",
+            "--config.peak_flops_per_device=1e10", "--config.checkpoint.async_save=false",
+            "--config.data.buckets=((5, 16, 16),)"]
   first = [*common, "--config.vae_train.steps=2"]
   second = [*common, "--config.vae_train.steps=4"]
 
@@ -139,7 +140,8 @@ def test_dit_stage_resumes_onto_other_process_counts_and_meshes_with_the_same_ba
   # A 1-step VAE and its latent cache of mixed shapes (three buckets): the input of every run.
   base = tmp_path / "base"
   check(run_single(["data", "prepare", "--config", config], 8, data_env))
-  run("train-vae", base, ["--config.vae_train.steps=1", "--config.vae_train.recon_every=0"])
+  run("train-vae", base, ["--config.vae_train.steps=1", "--config.vae_train.recon_every=0",
+                             "--config.vae_train.final_eval=false"])
   run("encode", base)
   manifest = json.loads((base / "latents" / "manifest.json").read_text())
   assert len(manifest["splits"]["train"]["latent_shapes"]) > 1

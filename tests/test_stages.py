@@ -232,10 +232,12 @@ def test_held_out_loss_is_logged_and_repeatable(trained_vae, repo_root, tmp_path
 def test_sigterm_saves_at_the_next_step_and_exits_0_then_resumes(trained_vae, repo_root, tmp_path):
   _, config = trained_vae
   workdir = tmp_path / "preempted"
-  cmd = [sys.executable, "-m", "vidsim", "train-vae", "--config", str(repo_root / "experiments/digits_tiny.py"),
-         "--workdir", str(workdir), "--config.vae_train.steps=500", "--config.vae_train.checkpoint_every=1000",
-         "--config.vae_train.recon_every=0", "--config.peak_flops_per_device=1e10", "--config.data.buckets=((5, 16, 16),)"]
-  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  cmd = lambda steps: [
+      sys.executable, "-m", "vidsim", "train-vae", "--config", str(repo_root / "experiments/digits_tiny.py"),
+      "--workdir", str(workdir), f"--config.vae_train.steps={steps}", "--config.vae_train.checkpoint_every=1000",
+      "--config.vae_train.recon_every=0", "--config.vae_train.final_eval=false", "--config.peak_flops_per_device=1e10",
+      "--config.data.buckets=((5, 16, 16),)"]
+  proc = subprocess.Popen(cmd(500), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   metrics = workdir / "vae" / "metrics.jsonl"
   deadline = time.time() + 300
   while time.time() < deadline and proc.poll() is None:
@@ -248,8 +250,7 @@ def test_sigterm_saves_at_the_next_step_and_exits_0_then_resumes(trained_vae, re
   assert "preempted (SIGTERM)" in err
   saved = sorted(int(p.name) for p in (workdir / "vae" / "checkpoints").iterdir() if p.name.isdigit())
   assert len(saved) == 1 and 3 <= saved[0] < 500
-  resumed = subprocess.run(cmd[:-5] + ["--config.vae_train.steps=" + str(saved[0] + 2)] + cmd[-4:],
-                           capture_output=True, text=True)
+  resumed = subprocess.run(cmd(saved[0] + 2), capture_output=True, text=True)
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   assert f"resuming from step {saved[0]}" in resumed.stderr
 
@@ -284,7 +285,8 @@ def test_sigkill_at_any_moment_then_resume_is_bit_exact(trained_vae, repo_root, 
 
   _, config = trained_vae
   args = ["--config.vae_train.steps=12", "--config.vae_train.checkpoint_every=2", "--config.vae_train.log_every=1",
-          "--config.vae_train.recon_every=0", "--config.peak_flops_per_device=1e10", "--config.data.buckets=((5, 16, 16),)"]
+          "--config.vae_train.recon_every=0", "--config.vae_train.final_eval=false", "--config.peak_flops_per_device=1e10",
+          "--config.data.buckets=((5, 16, 16),)"]
 
   def cmd(workdir):
     return [sys.executable, "-m", "vidsim", "train-vae", "--config", str(repo_root / "experiments/digits_tiny.py"),
@@ -319,3 +321,4 @@ def test_sigkill_at_any_moment_then_resume_is_bit_exact(trained_vae, repo_root, 
   np.testing.assert_array_equal(a.scale, b.scale)
   losses = lambda w: [(r["step"], r["loss"]) for r in read_metrics(w / "vae" / "metrics.jsonl")]
   assert losses(tmp_path / "straight") == losses(killed)
+  assert not (tmp_path / "straight" / "eval").exists()  # vae_train.final_eval=false: no whole-split pass.

@@ -87,7 +87,7 @@ def train_vae(config, workdir, mesh):
     if int(mesh_lib.to_host(state["step"])) == tc.steps:
       if not (stage_dir / "recon" / f"step_{tc.steps:06d}.gif").exists():
         write_reconstruction(state, tc.steps)
-      if tc.steps > 0 and not vae_eval.eval_path(workdir, config.data.eval_split).exists():  # 0 steps: no checkpoint.
+      if tc.final_eval and tc.steps > 0 and not vae_eval.eval_path(workdir, config.data.eval_split).exists():  # 0 steps: no checkpoint.
         result = vae_eval.evaluate_split(config, workdir, mesh, config.data.eval_split)
         vae_eval.write_eval(workdir, result)
         log.info("PSNR over the whole %s split (%d clips, EMA weights): %.2f dB", result["split"], result["clips"], result["psnr_db"])
