@@ -41,7 +41,7 @@ def embedded(tmp_path_factory):
 
   root = tmp_path_factory.mktemp("embed_text")
   os.environ["VIDSIM_DATA_DIR"] = str(root / "data")
-  config = _config("--config.vae_train.steps=2")
+  config = _config("--config.vae_train.steps=2", "--config.vae_train.final_eval=false")
   commands.prepare(config)
   train_vae(config, root / "work", mesh_lib.make_mesh(config))
   assert _run("encode", root / "work") == 0
