@@ -40,6 +40,8 @@ VARIANTS = [
      [*POD_1B, "--config.dit.attention_impl=xla", "--config.train.rows_per_batch=1", "--config.dit.remat=full"], 110),
     ("pod1b_cudnn_full", "pod_dit_1b_256p, 1 row of 8,192, cuDNN attention, remat full",
      [*POD_1B, "--config.dit.attention_impl=cudnn", "--config.train.rows_per_batch=1", "--config.dit.remat=full"], 110),
+    ("pod1b_cudnn_blocks", "pod_dit_1b_256p, 2 rows of 8,192 as blocks of 4,096 (dit.segment_blocks=2), cuDNN attention, remat none",
+     [*POD_1B, "--config.dit.attention_impl=cudnn", "--config.train.rows_per_batch=2", "--config.dit.segment_blocks=2"], 150),
     ("pod1b_cudnn_1seg", "pod_dit_1b_256p, 2 rows of one 8,192-token segment, cuDNN attention, remat none",
      [*POD_1B, "--config.dit.attention_impl=cudnn", "--config.train.rows_per_batch=2", "--config.bench.segments_per_row=1"], 150),
 ]
