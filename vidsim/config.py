@@ -150,7 +150,7 @@ def base_config() -> ConfigDict:
   c.vae_train.checkpoint_every = 200  # Steps between checkpoints.
   c.vae_train.recon_every = 500  # Steps between reconstruction videos.
   # After the last step: PSNR and SSIM over the whole eval split into W/eval/vae_psnr_<split>.json
-  # (false skips it; `vidsim eval --what vae` computes it later).
+  # (false skips it: `vidsim eval-vae`, or `vidsim eval --what vae` into W/eval/vae.json, later).
   c.vae_train.final_eval = True
 
   # ---------------------------------------------------------------- latent cache
