@@ -22,10 +22,11 @@ probe; W/eval/probes.json): VAE 38.3 dB PSNR, SSIM 0.989 over the validation spl
 held-out flow loss 0.134. Probe scores (ceiling): t2v 0.30 (0.84; digit 0.35 of 0.86,
 colour 1.0, direction 0.80 of 0.98), identity 0.71 (0.96), permanence 0.40 (0.94; the
 digit kept 0.45, colour 0.95, position 0.85), i2v 0.45 (0.94), extend-forward 0.10
-(0.72), extend-backward 0.05 (0.73), loop 0.15 (0.99), connect 0.45 (0.97), edit 0.60
-(0.97), long-extension 0.00 (0.40). NOT the targets (identity and direction >= 90% of
-their ceilings, permanence >= 85%, every conditioned task >= 80%): direction is at 82%
-of its ceiling, the rest far below. At step 4,000 it was still learning: from step 3,000 to
+(0.72), extend-backward 0.05 (0.73), loop 0.80 (0.99), connect 0.45 (0.97), edit 0.60
+(0.97), long-extension 0.00 (0.40). The loop meets its target (>= 80% of its ceiling:
+81%); the others do not (identity and direction >= 90% of their ceilings, permanence
+>= 85%, every conditioned task >= 80%): direction is at 82% of its ceiling, the rest
+far below. At step 4,000 it was still learning: from step 3,000 to
 4,000 t2v rose 0.10 -> 0.30, permanence 0.30 -> 0.40, i2v 0.30 -> 0.45, and the
 held-out direction-word gain at t = 0.9 0.023 -> 0.167; the digit's shape is what it
 lacks most (digit reads 0.35 in t2v, 0.45 kept behind the bar, where position is

@@ -130,9 +130,9 @@ def test_connect_holds_both_clips(engine, clip):
 
 def test_loop_and_edit(engine, clip):
   looped = sample.generate(engine, "loop", ["x"], frames=9, seed=0, **SIZE, **FAST)
-  assert looped.latents.shape == (1, 4, 4, 4, 4)  # 3-frame clip + 1 bridge frame (window 3, overlap 1).
-  assert looped.videos.shape == (1, 12, 16, 16, 3)  # Less the clip's frame 0, where the bridge ends.
-  assert looped.given.shape == (12,) and not looped.given.any()
+  assert looped.latents.shape == (1, 5, 4, 4, 4)  # 3-frame clip + 2 bridge frames (as long as the clip moved).
+  assert looped.videos.shape == (1, 16, 16, 16, 3)  # Less the clip's frame 0, where the bridge ends.
+  assert looped.given.shape == (16,) and not looped.given.any()
   source = _encode(engine, clip)
   mild = sample.generate(engine, "edit", ["x"], frames=9, video=clip, strength=0.2, seed=0, **SIZE, **FAST)
   strong = sample.generate(engine, "edit", ["x"], frames=9, video=clip, strength=1.0, seed=0, **SIZE, **FAST)

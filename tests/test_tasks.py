@@ -101,6 +101,17 @@ def test_loop_bridges_clip_end_back_to_its_frame_1():
   assert not out.given.any()
 
 
+def test_loop_comes_back_in_as_many_frames_as_the_clip_moved():
+  # Whatever the sliding window: clip_frames - 1 new latent frames between the overlaps.
+  for clip_frames, window, overlap in ((4, 4, 1), (4, 9, 0), (6, 7, 2)):
+    model = FakeModel()
+    out = tasks.loop(model, num_samples=1, clip_frames=clip_frames, grid_hwc=HWC, window=window, overlap=overlap)
+    given = tasks.resolve_overlap(window, overlap, ends=2)
+    bridge = model.calls[1][0]
+    assert bridge.clean.tolist() == [True] * given + [False] * (clip_frames - 1) + [True] * given
+    assert out.latents.shape[1] == 2 * clip_frames - 1
+
+
 def test_loop_clip_must_hold_frame_0_and_the_overlap():
   with pytest.raises(UsageError, match="too short"):
     tasks.loop(FakeModel(), num_samples=1, clip_frames=1, grid_hwc=HWC, window=4, overlap=1)

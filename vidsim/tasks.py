@@ -10,7 +10,7 @@ they build and how they stitch the results:
   extend-forward   windows whose first frames are the last frames made so far
   extend-backward  windows whose last frames are the first frames made so far
   connect          first frames = V1's end, last frames = V2's start
-  loop             a t2v clip, then a bridge window from its end back to its frame 1
+  loop             a t2v clip, then a bridge as long as the clip from its end back to its frame 1
   edit             nothing clean; start from the source noised to time `strength` (SDEdit)
 
 The causal VAE's latent frame 0 is one pixel frame encoded as an image; each later
@@ -183,18 +183,26 @@ def connect(generate, first, second, window: int, overlap: int) -> Stitched:
 
 
 def loop(generate, num_samples: int, clip_frames: int, grid_hwc, window: int, overlap: int) -> Stitched:
-  """Clips that play seamlessly in a loop: a t2v clip A, then a bridge window from A's
-  last `overlap` latent frames to its frames 1..overlap. The output is A and the
-  bridge's new frames, less A's first pixel frame, whose place the bridge's last frame
-  takes: the output's end leads into its first frame, A's frame 1."""
+  """Clips that play seamlessly in a loop: a t2v clip A, then a bridge from A's last
+  `overlap` latent frames to its frames 1..overlap with clip_frames - 1 new latent frames
+  between them. The output is A and the bridge's new frames, less A's first pixel frame,
+  whose place the bridge's last frame takes: the output's end leads into its first
+  frame, A's frame 1.
+
+  The way back is as long as the way out, so what moved through the clip can return at
+  the pace it left. (A bridge of one sliding window, `window` - 2 x overlap new frames,
+  was shorter than the clip: the digit had to jump back, and the loop probe on the
+  permanence world scored 0.15; with this length 0.80, docs/eval.md.) `window` only
+  sets the overlap when `overlap` is 0 (auto)."""
   overlap = resolve_overlap(window, overlap, ends=2)
   if clip_frames < 1 + overlap:
     raise UsageError(
         f"a loop clip of {clip_frames} latent frames is too short to hold latent frame 0 and an overlap of {overlap}"
     )
   clip = generate([empty_window((clip_frames,) + tuple(grid_hwc)) for _ in range(num_samples)])
-  bridge = generate([bridge_window(c[-overlap:], c[1 : 1 + overlap], window) for c in clip])
-  latents = np.concatenate([clip, bridge[:, overlap : window - overlap]], axis=1)
+  bridge_frames = clip_frames - 1 + 2 * overlap
+  bridge = generate([bridge_window(c[-overlap:], c[1 : 1 + overlap], bridge_frames) for c in clip])
+  latents = np.concatenate([clip, bridge[:, overlap : bridge_frames - overlap]], axis=1)
   return Stitched(latents, np.zeros(latents.shape[1], bool), drop_first_frames=1)
 
 
