@@ -24,15 +24,16 @@ colour 1.0, direction 0.80 of 0.98), identity 0.71 (0.96), permanence 0.40 (0.94
 digit kept 0.45, colour 0.95, position 0.85), i2v 0.45 (0.94), extend-forward 0.10
 (0.72), extend-backward 0.05 (0.73), loop 0.80 (0.99), connect 0.45 (0.97), edit 0.85
 (0.97; SDEdit strength 0.4, below), long-extension 0.00 (0.40). The loop and the edit
-meet their targets (>= 80% of the ceiling: 81% and 88%); the others do not (identity and direction >= 90% of their ceilings, permanence
->= 85%, every conditioned task >= 80%): direction is at 82% of its ceiling, the rest
-far below. At step 4,000 it was still learning: from step 3,000 to
-4,000 t2v rose 0.10 -> 0.30, permanence 0.30 -> 0.40, i2v 0.30 -> 0.45, and the
-held-out direction-word gain at t = 0.9 0.023 -> 0.167; the digit's shape is what it
+meet their targets (>= 80% of the ceiling: 81% and 88%); the others do not (identity
+and direction >= 90% of their ceilings, permanence >= 85%, every conditioned task
+>= 80%): direction is at 82% of its ceiling, the rest far below. At step 4,000 it was
+still learning: from step 3,000 to 4,000 t2v rose 0.10 -> 0.30, permanence 0.30 ->
+0.40, i2v 0.30 -> 0.45, and the held-out direction-word gain at t = 0.9 0.023 -> 0.167
+(edit at strength 0.6 0.55 -> 0.60, inside training); the digit's shape is what it
 lacks most (digit reads 0.35 in t2v, 0.45 kept behind the bar, where position is
 already 0.85). docs/eval.md has the curve. Twice the DiT steps (--config.train.steps=8000;
 2 h 8 min, 0.87 s a step, partly beside other jobs) did not close the gap: held-out loss
-0.134 -> 0.118, i2v 0.45 -> 0.75 and edit 0.60 -> 0.85, but t2v stayed at 0.30,
+0.134 -> 0.118, i2v 0.45 -> 0.75 and edit (strength 0.6) 0.60 -> 0.85, but t2v stayed at 0.30,
 permanence fell to 0.20 and the extensions to 0; the digit word still barely moves the
 loss (docs/eval.md, "A longer schedule").
 """
