@@ -18,6 +18,11 @@ def _free_port():
     return s.getsockname()[1]
 
 
+def _xla_flags(devices):
+  """This session's XLA flags (conftest's VIDSIM_TEST_XLA_FLAGS) with a process's own device count."""
+  return f"{os.environ.get('VIDSIM_TEST_XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+
+
 def run_processes(args, count, devices_per_process, env=None, timeout=600):
   """Runs `python -m vidsim ARGS` as `count` jax processes; returns their CompletedProcess-likes."""
   port = _free_port()
@@ -25,7 +30,7 @@ def run_processes(args, count, devices_per_process, env=None, timeout=600):
   for pid in range(count):
     process_env = dict(os.environ, **(env or {}))
     process_env.update(
-        XLA_FLAGS=f"{os.environ.get('VIDSIM_TEST_XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices_per_process}",
+        XLA_FLAGS=_xla_flags(devices_per_process),
         JAX_PLATFORMS="cpu",
         VIDSIM_COORDINATOR=f"127.0.0.1:{port}",
         VIDSIM_NUM_PROCESSES=str(count),
@@ -47,8 +52,7 @@ def run_processes(args, count, devices_per_process, env=None, timeout=600):
 
 def run_single(args, devices, env=None):
   process_env = dict(os.environ, **(env or {}))
-  process_env.update(XLA_FLAGS=f"{os.environ.get('VIDSIM_TEST_XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}",
-                     JAX_PLATFORMS="cpu")
+  process_env.update(XLA_FLAGS=_xla_flags(devices), JAX_PLATFORMS="cpu")
   for var in ("VIDSIM_COORDINATOR", "VIDSIM_NUM_PROCESSES", "VIDSIM_PROCESS_ID"):
     process_env.pop(var, None)
   return subprocess.run([sys.executable, "-m", "vidsim", *args], env=process_env, capture_output=True, text=True)
@@ -141,7 +145,7 @@ def test_dit_stage_resumes_onto_other_process_counts_and_meshes_with_the_same_ba
   base = tmp_path / "base"
   check(run_single(["data", "prepare", "--config", config], 8, data_env))
   run("train-vae", base, ["--config.vae_train.steps=1", "--config.vae_train.recon_every=0",
-                             "--config.vae_train.final_eval=false"])
+                          "--config.vae_train.final_eval=false"])
   run("encode", base)
   manifest = json.loads((base / "latents" / "manifest.json").read_text())
   assert len(manifest["splits"]["train"]["latent_shapes"]) > 1
