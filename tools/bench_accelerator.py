@@ -86,6 +86,10 @@ def main():
   parser.add_argument("--only", nargs="*", help="variant names to run (default: all)")
   parser.add_argument("--set", nargs="*", default=[], help="KEY=VALUE config overrides for every variant")
   args = parser.parse_args()
+  names = [name for name, *_ in VARIANTS]
+  unknown = sorted(set(args.only or ()) - set(names))
+  if unknown:
+    parser.error(f"--only {' '.join(unknown)}: no such variant; choose from {', '.join(names)}")  # Exits 2.
   os.makedirs(args.out, exist_ok=True)
   rows = []
   for name, what, arguments, limit in VARIANTS:
