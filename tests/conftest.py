@@ -31,3 +31,12 @@ def tiny_config():
   from vidsim import config as config_lib
 
   return config_lib.load_config(str(REPO / "experiments" / "digits_tiny.py"))
+
+
+@pytest.fixture
+def shared_compile_cache(tmp_path):
+  """Config arguments that give every vidsim process a test starts one compile cache,
+  whatever its workdir, holding every computation: a run on a layout an earlier run of
+  the test compiled loads the executables instead (as a restarted job does from its
+  workdir's cache). The runs still trace and check everything they did."""
+  return [f"--config.compile_cache_dir={tmp_path}/compile_cache", "--config.compile_cache_min_compile_s=0"]

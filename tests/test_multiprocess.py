@@ -58,7 +58,7 @@ def run_single(args, devices, env=None):
   return subprocess.run([sys.executable, "-m", "vidsim", *args], env=process_env, capture_output=True, text=True)
 
 
-def test_two_processes_train_like_one_and_resume_onto_other_layouts(tmp_path, repo_root):
+def test_two_processes_train_like_one_and_resume_onto_other_layouts(tmp_path, repo_root, shared_compile_cache):
   """2 processes x 4 devices <-> 1 process x 8 devices, 8 -> 4 devices, data=8 -> fsdp=4 x tensor=2.
 
   Each run trains 2 steps, then another layout resumes it to 4. The batches are the
@@ -73,7 +73,7 @@ def test_two_processes_train_like_one_and_resume_onto_other_layouts(tmp_path, re
   # One bucket: one compilation per run keeps this test to minutes.
   common = ["--config", config, "--config.vae_train.recon_every=0", "--config.vae_train.final_eval=false",
             "--config.peak_flops_per_device=1e10", "--config.checkpoint.async_save=false",
-            "--config.data.buckets=((5, 16, 16),)"]
+            "--config.data.buckets=((5, 16, 16),)", *shared_compile_cache]
   first = [*common, "--config.vae_train.steps=2"]
   second = [*common, "--config.vae_train.steps=4"]
 
@@ -118,7 +118,8 @@ def test_two_processes_train_like_one_and_resume_onto_other_layouts(tmp_path, re
       assert b["loss"] == pytest.approx(a["loss"], rel=1e-3), (name, a["step"])
 
 
-def test_dit_stage_resumes_onto_other_process_counts_and_meshes_with_the_same_batches(tmp_path, repo_root):
+def test_dit_stage_resumes_onto_other_process_counts_and_meshes_with_the_same_batches(tmp_path, repo_root,
+                                                                                     shared_compile_cache):
   """The DiT's packed-latent stream is planned globally, so its state is one stream position:
   1 process x 8 devices -> 2 processes x 4 devices, and 2 x 4 -> 1 x 8 with data=8 ->
   fsdp=4 x tensor=2, both log the losses of an uninterrupted one-process run."""
@@ -127,7 +128,8 @@ def test_dit_stage_resumes_onto_other_process_counts_and_meshes_with_the_same_ba
 
   data_env = {"VIDSIM_DATA_DIR": str(tmp_path / "data")}
   config = str(repo_root / "experiments" / "digits_tiny.py")
-  common = ["--config", config, "--config.peak_flops_per_device=1e10", "--config.checkpoint.async_save=false"]
+  common = ["--config", config, "--config.peak_flops_per_device=1e10", "--config.checkpoint.async_save=false",
+            *shared_compile_cache]
 
   def check(result):
     code, err = (result.returncode, result.stderr) if hasattr(result, "returncode") else (result[0], result[2])
