@@ -215,9 +215,10 @@ def test_a_killed_process_stops_the_other_within_the_bound_and_the_run_resumes_o
   assert "compilation cache: off for a job of 2 CPU processes" in survivor_log
 
   # The same command on one process resumes; an uninterrupted one-process run is the reference.
-  for target in (workdir, reference):
+  # The reference loads what the resumed run compiled (same layout) from that run's cache.
+  for target, cache in ((workdir, []), (reference, [f"--config.compile_cache_dir={workdir}/compile_cache"])):
     result = subprocess.run([LOCAL, "1", "--devices-per-process", "8", "--", "vidsim", "train-vae", "--workdir",
-                             str(target), *TINY], env=data_env, capture_output=True, text=True, timeout=900)
+                             str(target), *TINY, *cache], env=data_env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
   assert f"resuming from step {steps[-1]}" in (workdir / "logs" / "process_0.log").read_text()
   assert any((workdir / "compile_cache").iterdir())  # One process: the default cache under the workdir.
