@@ -35,8 +35,9 @@ def tiny_config():
 
 @pytest.fixture
 def shared_compile_cache(tmp_path):
-  """Config arguments that give every vidsim process a test starts one compile cache,
-  whatever its workdir, holding every computation: a run on a layout an earlier run of
-  the test compiled loads the executables instead (as a restarted job does from its
-  workdir's cache). The runs still trace and check everything they did."""
+  """Config arguments that give every one-process vidsim run a test starts one compile
+  cache, whatever its workdir, holding every computation: a run on a layout an earlier
+  run of the test compiled loads the executables instead (as a restarted job does from
+  its workdir's cache). The runs still trace and check everything they did. Jobs of
+  several CPU processes keep the cache off (vidsim/runtime.py says why)."""
   return [f"--config.compile_cache_dir={tmp_path}/compile_cache", "--config.compile_cache_min_compile_s=0"]
