@@ -16,7 +16,11 @@ The quality config's world and DiT settings do not change that at this budget: o
 digit a scene on inside paths (10,000 scenes), sincos positions and
 flow.shift_base_tokens=8, with this VAE and 2,000 DiT steps, scored digit 2/20, colour
 20/20, direction 1/20; the held-out direction-word gain at t = 0.9 only starts at step
-2,000 (+0.023). What the demo lacks is training steps.
+2,000 (+0.023). With that world, a 1,000-step VAE of this recipe (26.6 dB; its
+reconstructions read digit 0.88 against 0.90 on true clips) and this DiT for 3,000 steps
+(~19 minutes with its hooks on a Zen 4 with a matmul rate of ~190 GFLOP/s), 40 probe
+prompts read digit 6, 3, 8, 10, 14, 12 / 40 at steps 500 to 3,000 and direction 3, 0, 0,
+1, 2, 2 / 40. What the demo lacks is training steps.
 """
 
 from vidsim.config import base_config
