@@ -2,12 +2,17 @@
 
 import os
 
-# LLVM at -O0: the suite compiles hundreds of small programs and runs each for
-# milliseconds, so compile time is most of its time (tests/test_segment_blocks.py: 76 s
-# -> 45 s; the suite on 2 cores: 16.3 -> 10.4 min). Tests check values, not speed; the
-# benchmarks run at the default level. Tests that start processes with their own device
-# count put VIDSIM_TEST_XLA_FLAGS in front of it.
-os.environ.setdefault("VIDSIM_TEST_XLA_FLAGS", "--xla_backend_optimization_level=0")
+# The suite compiles hundreds of small programs and runs each for milliseconds, so
+# compile time is most of its time, and these flags cut it. LLVM at -O0
+# (tests/test_segment_blocks.py: 76 s -> 45 s; the suite on 2 cores: 16.3 -> 10.4 min).
+# XLA:CPU's older elemental emitters in place of its MLIR fusion emitters compile faster
+# still (the same file 62 s -> 35 s; the suite on 2 cores of a Zen 4: 612 s -> 414 s)
+# and run small steps slower (the demo's DiT step 0.39 -> 0.47 s), so vidsim itself keeps
+# XLA's default. Tests check values, not speed; the benchmarks run at XLA's defaults.
+# Tests that start processes with their own device count put VIDSIM_TEST_XLA_FLAGS in
+# front of it.
+os.environ.setdefault("VIDSIM_TEST_XLA_FLAGS",
+                      "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false")
 os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), os.environ["VIDSIM_TEST_XLA_FLAGS"], "--xla_force_host_platform_device_count=8"]
 ).strip()
