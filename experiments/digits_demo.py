@@ -1,26 +1,26 @@
-"""What `make demo` runs: every stage on the embedded world, sized for ~20 min on 2 CPU cores.
+"""What `make demo` runs: every stage on the embedded world, on 2 CPU cores.
 
 Command:
   make demo                      # = vidsim demo --config experiments/digits_demo.py --workdir runs/demo
-Expected runtime: 14.5 minutes (871 s) for `make demo`, 2 cores of an AMD EPYC (Zen 5),
-nothing else running, in-process matmul rate ~450 GFLOP/s
-(docs/benchmarks.md, "The machine behind these figures"): VAE 2,000 steps 401 s, latent
-cache 24 s, DiT 2,000 steps 429 s (0.20 s a step), ten sampling tasks 12 s, the probe
-4 s, report < 1 s; building the dataset, where it is not in the data directory, adds ~3 s.
-Expected result: runs/demo/report.html with every task's output. Measured: VAE 27.4 dB
-PSNR over the whole validation split (EMA); DiT flow loss 2.02 -> 0.53, packing
-efficiency 0.94; probe 3/20 digit, 20/20 colour, 0/20 direction. The samples are
-coloured blobs and strokes that move, NOT recognisable digits: this config shows the
-pipeline working end to end, not sample quality (experiments/digits_quality.py does).
-The quality config's world and DiT settings do not change that at this budget: one
-digit a scene on inside paths (10,000 scenes), sincos positions and
-flow.shift_base_tokens=8, with this VAE and 2,000 DiT steps, scored digit 2/20, colour
-20/20, direction 1/20; the held-out direction-word gain at t = 0.9 only starts at step
-2,000 (+0.023). With that world, a 1,000-step VAE of this recipe (26.6 dB; its
-reconstructions read digit 0.88 against 0.90 on true clips) and this DiT for 3,000 steps
-(~19 minutes with its hooks on a Zen 4 with a matmul rate of ~190 GFLOP/s), 40 probe
-prompts read digit 6, 3, 8, 10, 14, 12 / 40 at steps 500 to 3,000 and direction 3, 0, 0,
-1, 2, 2 / 40. What the demo lacks is training steps.
+Expected runtime: 25.4 minutes (1,524 s) for `vidsim demo` from an empty workdir and data
+directory on 2 cores of an AMD EPYC (Zen 4, `lscpu` family 25 model 17, AVX-512), nothing
+else running, in-process matmul rate 190-210 GFLOP/s (`vidsim bench` in the same hour):
+dataset 7 s, VAE 2,000 steps 660 s, latent cache 51 s, DiT 2,000 steps 783 s (0.36 s a
+step), ten sampling tasks 16 s, the probe 6 s, report < 1 s.
+Expected result: VAE 28.8 dB PSNR over the whole validation split (EMA); DiT flow loss
+1.85 -> 0.55, packing efficiency 0.94; probe 2/20 digit, 20/20 colour, 3/20 direction.
+The samples are digit-sized strokes in the prompt's colour that move and change shape;
+they are NOT reliably the prompt's digit or direction: this config shows the pipeline
+working end to end, not sample quality (experiments/digits_quality.py does).
+What it lacks is training steps. At step 2,000 the held-out loss at t = 0.9 rises by
+0.12 without the caption, by 0.0026 with the direction flipped and by 0.0002 with the
+digit changed: the model follows the colour word, barely the direction and the digit.
+When the direction binds varies between runs: the same DiT on a 1,000-step VAE (24.8
+dB, whose reconstructions shift some colours) bound it between steps 1,000 and 1,500
+(+0.062 at step 2,000; probe direction 9/20, colour 5/20). On 10,000 scenes of this
+world, a 1,000-step VAE and this DiT for 3,000 steps (~19 minutes on the Zen 4), 40
+probe prompts read digit 6, 3, 8, 10, 14, 12 / 40 at steps 500 to 3,000 and direction
+3, 0, 0, 1, 2, 2 / 40.
 """
 
 from vidsim.config import base_config
@@ -28,6 +28,14 @@ from vidsim.config import base_config
 
 def get_config():
   c = base_config()
+  # The world of experiments/digits_quality.py, whose model learns to follow its prompts:
+  # one digit a scene (one digit, colour and direction a caption to bind), on paths that
+  # stay inside the frame (the caption's direction holds for the whole clip).
+  c.moving_digits.max_digits = 1
+  c.moving_digits.paths = "inside"
+  # Twice the default: the DiT sees each scene ~20 times (on 2,000 scenes the quality
+  # config's model began to memorise them), and encoding them takes under a minute.
+  c.moving_digits.train_examples = 4000
   # VAE: experiments/digits_vae.py's recipe on a shorter schedule; latents 4x4
   # spatial, 4x temporal.
   c.vae.latent_channels = 8
@@ -42,12 +50,17 @@ def get_config():
   c.vae_train.log_every = 20
   c.vae_train.checkpoint_every = 250
   c.vae_train.recon_every = 250
-  # DiT: small enough for 2,000 steps in about 9 minutes.
+  # DiT: small enough for 2,000 steps in 7-13 minutes (0.20 s a step at a matmul rate of
+  # ~450 GFLOP/s, 0.36 s at ~200).
   c.dit.width = 128
   c.dit.depth = 4
   c.dit.heads = 4
   c.dit.mlp = "swiglu"  # Faster than GELU on XLA:CPU at the same FLOPs.
   c.dit.attention_impl = "einsum"  # The fastest attention on a CPU (docs/benchmarks.md, DiT design notes).
+  # As in experiments/digits_quality.py: sincos positions say where the left of the frame
+  # is, and the timestep shift trains more at the high noise where the start is decided.
+  c.dit.position_embedding = "sincos"
+  c.flow.shift_base_tokens = 8
   c.text.width = 64
   c.text.depth = 1
   c.train.steps = 2000
