@@ -15,9 +15,10 @@ working end to end, not sample quality (experiments/digits_quality.py does).
 What it lacks is training steps. At step 2,000 the held-out loss at t = 0.9 rises by
 0.12 without the caption, by 0.0026 with the direction flipped and by 0.0002 with the
 digit changed: the model follows the colour word, barely the direction and the digit.
-When the direction binds varies between runs: the same DiT on a 1,000-step VAE (24.8
+When the direction binds varies from run to run: the same DiT on a 1,000-step VAE (24.8
 dB, whose reconstructions shift some colours) bound it between steps 1,000 and 1,500
-(+0.062 at step 2,000; probe direction 9/20, colour 5/20). On 10,000 scenes of this
+(+0.062 at step 2,000; probe direction 9/20, colour 5/20), and on the same latents with
+--config.seed=1 did not (+0.0014 at step 2,000). On 10,000 scenes of this
 world, a 1,000-step VAE and this DiT for 3,000 steps (~19 minutes on the Zen 4), 40
 probe prompts read digit 6, 3, 8, 10, 14, 12 / 40 at steps 500 to 3,000 and direction
 3, 0, 0, 1, 2, 2 / 40.
