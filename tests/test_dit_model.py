@@ -17,7 +17,7 @@ from vidsim import mesh as mesh_lib
 from vidsim.errors import UsageError
 from vidsim.models import layers
 from vidsim.models.dit import DiT, patch_features
-from vidsim.models.text import detokenize_bytes, tokenize_bytes
+from vidsim.models.text import detokenize_bytes, pool_words, tokenize_bytes
 
 GOLDEN = pathlib.Path(__file__).parent / "golden" / "dit_partition_specs.json"
 K = 2  # Segments per row in these tests.
@@ -377,6 +377,42 @@ def test_tokenize_bytes_format():
   np.testing.assert_array_equal(mask, ids > 0)
   assert tokenize_bytes(["abcdef"], 4)[0].tolist() == [[98, 99, 100, 101]]  # Cut at max_length.
   assert detokenize_bytes(ids) == ["ab", "", "é"]
+
+
+def test_word_keys_are_the_mean_of_each_words_bytes():
+  ids, mask = tokenize_bytes(["a red 3 moves", " two  spaces", ""], 16)
+  x = np.random.default_rng(0).normal(size=(3, 16, 4)).astype(np.float32)
+  pooled, words = pool_words(jnp.asarray(x), jnp.asarray(ids), jnp.asarray(mask))
+  np.testing.assert_array_equal(np.asarray(words).sum(1), [4, 2, 0])  # Empty words are dropped.
+  expected = {(0, 0): x[0, 0], (0, 1): x[0, 2:5].mean(0), (0, 2): x[0, 6], (0, 3): x[0, 8:13].mean(0),
+              (1, 0): x[1, 1:4].mean(0), (1, 1): x[1, 6:12].mean(0)}
+  for (row, word), value in expected.items():
+    np.testing.assert_allclose(pooled[row, word], value, rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(pooled)[~np.asarray(words)], 0.0)
+
+
+def test_word_keys_keep_packing_exact_and_read_each_word(config):
+  """text.units="words": a packed row still equals each segment alone, and the digit, one
+  key among the caption's words, changes v."""
+  c = config.copy_and_resolve_references()
+  with c.unlocked():
+    c.text.units = "words"
+  model = randomize(build(c))
+  batch = pack_rows(c, [[A, B], [A], [B]], 24)
+  out = forward(model, batch)
+  np.testing.assert_allclose(out[0, :12], out[1, :12], atol=2e-5)
+  np.testing.assert_allclose(out[0, 12:18], out[2, :6], atol=2e-5)
+  other = forward(model, pack_rows(c, [[dict(A, caption="a red 8 moves right"), B]], 24))
+  assert np.abs(other[0, :12] - out[0, :12]).max() > 1e-3
+  np.testing.assert_allclose(other[0, 12:18], out[0, 12:18], atol=2e-5)
+  with c.unlocked():
+    c.text.units = "letters"
+  with pytest.raises(UsageError, match="text.units='letters'; valid: bytes, words"):
+    build(c)
+  with c.unlocked():
+    c.text.units, c.text.encoder, c.text.embed_dim = "words", "precomputed", 8
+  with pytest.raises(UsageError, match="text.units='words' pools the byte encoder"):
+    build(c)
 
 
 def test_bfloat16_compute_keeps_fp32_params(config, model):

@@ -56,6 +56,10 @@ def test_forward_flops_match_hand_count():
 def test_swiglu_and_precomputed_terms():
   swiglu = dit_flops_breakdown(small_config(mlp="swiglu"), ROWS, L, K * S, K)
   assert swiglu["blocks/mlp"] == 2 * (2 * 3 * 32 * 88 * 10)  # hidden = 8 ceil(2/3 128 / 8) = 88.
+  words = small_config()
+  with words.unlocked():
+    words.text.units = "words"
+  assert dit_flops_breakdown(words, ROWS, L, K * S, K)["text/pool_words"] == 2 * 2 * 8 * 8 * 32  # K x 2 S^2 C.
   pre = dit_flops_breakdown(small_config(encoder="precomputed"), ROWS, L, K * S, K)
   assert pre["text/proj"] == 2 * 12 * 32 * 16 and "text/attn" not in pre
 

@@ -212,6 +212,10 @@ def base_config() -> ConfigDict:
   c.text.width = 128  # Byte encoder width.
   c.text.depth = 2  # Byte encoder layers.
   c.text.heads = 4  # Byte encoder heads.
+  # What the DiT's cross-attention reads from the byte encoder: "bytes" (one key per byte) |
+  # "words" (one key per space-separated word, the mean of its bytes, as a word-piece
+  # encoder gives: in "a red 3 moves right" the digit is one key of 5, not one of 19).
+  c.text.units = "bytes"
   c.text.embed_dim = 0  # Precomputed embedding size (0 = the t5_path encoder's d_model, else read from the cache).
   # Local Hugging Face T5 / UMT5 directory (config.json, *.safetensors, tokenizer.json or spiece.model):
   # `vidsim embed-text` caches its caption embeddings; sampling with encoder=precomputed embeds prompts with it.

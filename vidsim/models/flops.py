@@ -108,6 +108,8 @@ def work_breakdown(config, work: Work):
     text_hidden = layers.mlp_hidden(c, TEXT_MLP_RATIO, "gelu")
     terms["text/proj"] = t.depth * matmul(4 * c * c + 2 * c * text_hidden, text)
     terms["text/attn"] = t.depth * work.captions * 2 * 2 * s * s * c
+    if t.get("units", "bytes") == "words":  # pool_words: a [S bytes, S words] matmul a caption.
+      terms["text/pool_words"] = work.captions * 2 * s * s * c
   else:
     embed_dim = t.embed_dim or (t5.read_config(t.t5_path).d_model if t.t5_path else 0)
     terms["text/proj"] = matmul(embed_dim * c, text)

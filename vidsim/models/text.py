@@ -4,7 +4,9 @@
 its output) and `__call__(text) -> (embeddings [R, K, S, width], mask [R, K, S])`,
 where `text` is the packed batch's text dict:
 - config.text.encoder == "bytes": `text_tokens` int [R, K, S] (byte + 1, 0 = pad),
-  encoded by a small trainable byte-level transformer (ByteTextEncoder).
+  encoded by a small trainable byte-level transformer (ByteTextEncoder); with
+  config.text.units == "words" its output is one vector per word (the mean of the
+  word's bytes), so the DiT attends to words.
 - config.text.encoder == "precomputed": `text_embeddings` float [R, K, S, E] from
   the cache (`vidsim embed-text`: a frozen T5 / UMT5, vidsim/models/t5.py; or any offline
   encoder), projected to `width`.
@@ -22,6 +24,8 @@ from vidsim.models import t5
 
 BYTE_VOCAB = 257  # 256 byte values + 1, id 0 = padding.
 TEXT_MLP_RATIO = 4.0
+BYTE_UNITS = ("bytes", "words")  # config.text.units of the byte encoder.
+SPACE_ID = ord(" ") + 1
 
 
 def tokenize_bytes(captions, max_length: int):
@@ -40,6 +44,23 @@ def detokenize_bytes(ids) -> list:
   """The inverse of tokenize_bytes: ids int [N, S] -> N captions (pad dropped)."""
   ids = np.asarray(ids)
   return [bytes((row[row > 0] - 1).astype(np.uint8)).decode("utf-8", "replace") for row in ids]
+
+
+def pool_words(x, ids, mask):
+  """Byte features x [N, S, C] -> one vector per space-separated word: the mean of its
+  bytes' features at position w for the w-th word ([N, S, C], the rest zero), and which
+  positions hold a word ([N, S]). Spaces belong to no word; empty words are skipped."""
+  s = ids.shape[-1]
+  space = ids == SPACE_ID
+  word = jnp.cumsum(space, axis=-1)  # The word each byte is in.
+  member = (word[..., None] == jnp.arange(s)) & (mask & ~space)[..., None]  # [N, bytes, words]
+  counts = member.sum(1)  # [N, S]
+  pooled = jnp.einsum("nbw,nbc->nwc", member.astype(x.dtype), x) / jnp.maximum(counts, 1)[..., None].astype(x.dtype)
+  # Empty words (a leading or doubled space) are dropped: the words move up to fill the gaps.
+  order = jnp.argsort(counts == 0, axis=-1, stable=True)
+  pooled = jnp.take_along_axis(pooled, order[..., None], axis=1)
+  valid = jnp.take_along_axis(counts > 0, order, axis=1)
+  return jnp.where(valid[..., None], pooled, 0), valid
 
 
 def _require(text, key, ndim, encoder):
@@ -76,6 +97,9 @@ class ByteTextEncoder(nnx.Module):
     self.width = t.width
     self.max_length = t.max_length
     self.dtype = dtype
+    self.units = t.get("units", "bytes")  # Configs saved before the key existed: bytes.
+    if self.units not in BYTE_UNITS:
+      raise UsageError(f"text.units={self.units!r}; valid: {', '.join(BYTE_UNITS)}")
     self.embed = nnx.Embed(
         BYTE_VOCAB, t.width, dtype=dtype,
         embedding_init=layers.partitioned(nnx.initializers.normal(0.02), "vocab", "embed"), rngs=rngs,
@@ -99,8 +123,11 @@ class ByteTextEncoder(nnx.Module):
     x = self.embed(ids.reshape(r * k, s)) + self.position[...].astype(self.dtype)
     # Valid text positions are segment 1, padding 0 (which outputs 0 and is masked
     # out of the DiT's cross-attention keys anyway).
-    x = layers.run_layers(self.blocks, x, mask.reshape(r * k, s).astype(jnp.int32))
-    return self.norm(x).reshape(r, k, s, self.width), mask
+    x = self.norm(layers.run_layers(self.blocks, x, mask.reshape(r * k, s).astype(jnp.int32)))
+    if self.units == "words":
+      x, words = pool_words(x, ids.reshape(r * k, s), mask.reshape(r * k, s))
+      return x.reshape(r, k, s, self.width), words.reshape(r, k, s)
+    return x.reshape(r, k, s, self.width), mask
 
 
 class PrecomputedText(nnx.Module):
@@ -108,6 +135,9 @@ class PrecomputedText(nnx.Module):
 
   def __init__(self, t, *, dtype, attention_impl, rngs):
     del attention_impl  # A projection: nothing attends.
+    if t.get("units", "bytes") != "bytes":
+      raise UsageError(f"text.units={t.units!r} pools the byte encoder's bytes into words; text.encoder='precomputed' "
+                       "keeps its encoder's own tokens: leave text.units='bytes'")
     # The size of the encoder's output: set, or the d_model of the text.t5_path encoder.
     embed_dim = t.embed_dim or (t5.read_config(t.t5_path).d_model if t.t5_path else 0)
     if embed_dim <= 0:
