@@ -64,6 +64,10 @@ def get_config():
   c.flow.shift_base_tokens = 8
   c.text.width = 64
   c.text.depth = 1
+  # One cross-attention key per word: on byte keys the attention stays near uniform over
+  # the caption's ~20 bytes for thousands of steps, so the direction words reach the tokens
+  # diluted (docs/text.md, "Word keys").
+  c.text.units = "words"
   c.train.steps = 2000
   c.train.rows_per_batch = 8
   c.train.learning_rate = 1e-3
