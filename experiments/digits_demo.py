@@ -2,26 +2,25 @@
 
 Command:
   make demo                      # = vidsim demo --config experiments/digits_demo.py --workdir runs/demo
-Expected runtime: 25.4 minutes (1,524 s) for `vidsim demo` from an empty workdir and data
+Expected runtime: 26.9 minutes (1,611 s) for `vidsim demo` from an empty workdir and data
 directory on 2 cores of an AMD EPYC (Zen 4, `lscpu` family 25 model 17, AVX-512), nothing
-else running, in-process matmul rate 190-210 GFLOP/s (`vidsim bench` in the same hour):
-dataset 7 s, VAE 2,000 steps 660 s, latent cache 51 s, DiT 2,000 steps 783 s (0.36 s a
-step), ten sampling tasks 16 s, the probe 6 s, report < 1 s.
+else running, in-process matmul rate 177-195 GFLOP/s (`vidsim bench` right after): dataset
+8 s, VAE 2,000 steps 741 s, latent cache 60 s, DiT 2,000 steps 780 s (0.39 s a step), ten
+sampling tasks 16 s, the probe 6 s, report < 1 s.
 Expected result: VAE 28.8 dB PSNR over the whole validation split (EMA); DiT flow loss
-1.85 -> 0.55, packing efficiency 0.94; probe 2/20 digit, 20/20 colour, 3/20 direction.
+1.85 -> 0.56, packing efficiency 0.95; probe 4/20 digit, 20/20 colour, 0/20 direction.
 The samples are digit-sized strokes in the prompt's colour that move and change shape;
 they are NOT reliably the prompt's digit or direction: this config shows the pipeline
 working end to end, not sample quality (experiments/digits_quality.py does).
 What it lacks is training steps. At step 2,000 the held-out loss at t = 0.9 rises by
-0.12 without the caption, by 0.0026 with the direction flipped and by 0.0002 with the
-digit changed: the model follows the colour word, barely the direction and the digit.
-When the direction binds varies from run to run: the same DiT on a 1,000-step VAE (24.8
-dB, whose reconstructions shift some colours) bound it between steps 1,000 and 1,500
-(+0.062 at step 2,000; probe direction 9/20, colour 5/20), and on the same latents with
---config.seed=1 did not (+0.0014 at step 2,000). On 10,000 scenes of this
-world, a 1,000-step VAE and this DiT for 3,000 steps (~19 minutes on the Zen 4), 40
-probe prompts read digit 6, 3, 8, 10, 14, 12 / 40 at steps 500 to 3,000 and direction
-3, 0, 0, 1, 2, 2 / 40.
+0.123 without the caption, by 0.020 with the direction flipped and by 0.001 with the
+digit changed: the model follows the colour word, has begun to follow the direction
+(the gain was 0.006 at step 1,500) and not the digit. With one key per caption byte
+instead of per word (--config.text.units=bytes) the direction gain was 0.0026 at step
+2,000 (probe 2/20 digit, 3/20 direction). The DiT alone, trained again on this demo's
+latent cache with --config.seed=1 --config.train.steps=3000 (~21 minutes on the Zen 4),
+bound the direction sooner: 40 probe prompts read direction 4, 3, 8, 16, 19, 22 / 40 at
+steps 500 to 3,000, digit 2, 3, 6, 5, 5, 2 / 40 (docs/text.md, "Word keys").
 """
 
 from vidsim.config import base_config
