@@ -56,11 +56,9 @@ def pool_words(x, ids, mask):
   member = (word[..., None] == jnp.arange(s)) & (mask & ~space)[..., None]  # [N, bytes, words]
   counts = member.sum(1)  # [N, S]
   pooled = jnp.einsum("nbw,nbc->nwc", member.astype(x.dtype), x) / jnp.maximum(counts, 1)[..., None].astype(x.dtype)
-  # Empty words (a leading or doubled space) are dropped: the words move up to fill the gaps.
+  # Empty words (a leading or doubled space; pooled to zeros) move behind the real ones.
   order = jnp.argsort(counts == 0, axis=-1, stable=True)
-  pooled = jnp.take_along_axis(pooled, order[..., None], axis=1)
-  valid = jnp.take_along_axis(counts > 0, order, axis=1)
-  return jnp.where(valid[..., None], pooled, 0), valid
+  return jnp.take_along_axis(pooled, order[..., None], axis=1), jnp.take_along_axis(counts > 0, order, axis=1)
 
 
 def _require(text, key, ndim, encoder):
@@ -120,14 +118,14 @@ class ByteTextEncoder(nnx.Module):
     r, k, s = ids.shape
     if s != self.max_length:
       raise UsageError(f"text_tokens have length {s}, config.text.max_length is {self.max_length}")
-    x = self.embed(ids.reshape(r * k, s)) + self.position[...].astype(self.dtype)
+    ids, valid = ids.reshape(r * k, s), mask.reshape(r * k, s)
+    x = self.embed(ids) + self.position[...].astype(self.dtype)
     # Valid text positions are segment 1, padding 0 (which outputs 0 and is masked
     # out of the DiT's cross-attention keys anyway).
-    x = self.norm(layers.run_layers(self.blocks, x, mask.reshape(r * k, s).astype(jnp.int32)))
+    x = self.norm(layers.run_layers(self.blocks, x, valid.astype(jnp.int32)))
     if self.units == "words":
-      x, words = pool_words(x, ids.reshape(r * k, s), mask.reshape(r * k, s))
-      return x.reshape(r, k, s, self.width), words.reshape(r, k, s)
-    return x.reshape(r, k, s, self.width), mask
+      x, valid = pool_words(x, ids, valid)
+    return x.reshape(r, k, s, self.width), valid.reshape(r, k, s)
 
 
 class PrecomputedText(nnx.Module):
