@@ -2,25 +2,23 @@
 
 Command:
   make demo                      # = vidsim demo --config experiments/digits_demo.py --workdir runs/demo
-Expected runtime: 26.9 minutes (1,611 s) for `vidsim demo` from an empty workdir and data
+Expected runtime: 23.2 minutes (1,388 s) for `vidsim demo` from an empty workdir and data
 directory on 2 cores of an AMD EPYC (Zen 4, `lscpu` family 25 model 17, AVX-512), nothing
-else running, in-process matmul rate 177-195 GFLOP/s (`vidsim bench` right after): dataset
-8 s, VAE 2,000 steps 741 s, latent cache 60 s, DiT 2,000 steps 780 s (0.39 s a step), ten
-sampling tasks 16 s, the probe 6 s, report < 1 s.
-Expected result: VAE 28.8 dB PSNR over the whole validation split (EMA); DiT flow loss
-1.85 -> 0.56, packing efficiency 0.95; probe 4/20 digit, 20/20 colour, 0/20 direction.
-The samples are digit-sized strokes in the prompt's colour that move and change shape;
-they are NOT reliably the prompt's digit or direction: this config shows the pipeline
-working end to end, not sample quality (experiments/digits_quality.py does).
-What it lacks is training steps. At step 2,000 the held-out loss at t = 0.9 rises by
-0.123 without the caption, by 0.020 with the direction flipped and by 0.001 with the
-digit changed: the model follows the colour word, has begun to follow the direction
-(the gain was 0.006 at step 1,500) and not the digit. With one key per caption byte
-instead of per word (--config.text.units=bytes) the direction gain was 0.0026 at step
-2,000 (probe 2/20 digit, 3/20 direction). The DiT alone, trained again on this demo's
-latent cache with --config.seed=1 --config.train.steps=3000 (~21 minutes on the Zen 4),
-bound the direction sooner: 40 probe prompts read direction 4, 3, 8, 16, 19, 22 / 40 at
-steps 500 to 3,000, digit 2, 3, 6, 5, 5, 2 / 40 (docs/text.md, "Word keys").
+else running, in-process matmul rate 184-209 GFLOP/s (`vidsim bench` right after): dataset
+7 s, VAE 2,000 steps 566 s, latent cache 46 s, DiT 2,000 steps 741 s (0.34 s a step),
+ten sampling tasks 20 s, the probe 7 s, report < 1 s.
+Expected result: VAE 27.6 dB PSNR over the whole validation split (EMA); DiT flow loss
+1.84 -> 0.54, packing efficiency 0.95; probe 1/20 digit, 19/20 colour, 15/20 direction
+(the scorer reads true clips at 0.92 / 1.00 / 0.98).
+The samples are strokes of a digit's size in the prompt's colour that move in the
+prompt's direction; they are NOT the prompt's digit: this config shows the pipeline
+working end to end in minutes, not sample quality (experiments/digits_quality.py does).
+At step 2,000 the held-out loss at t = 0.9 rises by 0.141 without the caption, by 0.126
+with the direction flipped (0.006 at step 1,000, 0.076 at 1,500) and by 0.003 with the
+digit changed: the model follows the colour and direction words, not yet the digit.
+With the base world's speeds (0.5-2.5 px a frame, --config.moving_digits.speed="(0.5,2.5)")
+the same schedule reached a direction gain of 0.020 and probe direction 0/20 (docs/generate.md,
+"The demo and its report").
 """
 
 from vidsim.config import base_config
@@ -33,6 +31,9 @@ def get_config():
   # stay inside the frame (the caption's direction holds for the whole clip).
   c.moving_digits.max_digits = 1
   c.moving_digits.paths = "inside"
+  # Digits that move 12-20 px over the 9 frames (the base world: 4-20): the direction is a
+  # larger change between latent frames, which the DiT follows sooner (docs/generate.md).
+  c.moving_digits.speed = (1.5, 2.5)
   # Twice the default: the DiT sees each scene ~20 times (on 2,000 scenes the quality
   # config's model began to memorise them), and encoding them takes under a minute.
   c.moving_digits.train_examples = 4000
@@ -68,6 +69,9 @@ def get_config():
   # diluted (docs/text.md, "Word keys").
   c.text.units = "words"
   c.train.steps = 2000
+  # Two CPU devices, each running half of every batch on its own thread: 1.3-1.4x faster
+  # VAE and DiT steps on 2 cores than one device (docs/benchmarks.md, "Devices per core").
+  c.mesh.cpu_devices = 2
   c.train.rows_per_batch = 8
   c.train.learning_rate = 1e-3
   c.train.warmup_steps = 50

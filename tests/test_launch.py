@@ -17,6 +17,7 @@ import time
 import pytest
 import yaml
 
+from vidsim.errors import UsageError
 from vidsim.train.metrics import read_metrics
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -269,6 +270,44 @@ def test_empty_compile_cache_dir_turns_it_off(tiny_config):
   with tiny_config.unlocked():
     tiny_config.compile_cache_dir = ""
   assert runtime.compile_cache_path(tiny_config, "/tmp/w") == ""
+
+
+_DEVICES_PROBE = """
+import sys
+from vidsim import config as config_lib, runtime
+config = config_lib.load_config(sys.argv[1], sys.argv[2:])
+runtime.start(type("Args", (), {"workdir": ""})(), config)
+import jax
+print(jax.device_count(), jax.devices()[0].platform)
+"""
+
+
+@pytest.mark.parametrize("overrides, xla_flags, expected", [
+    ([], "", "1 cpu"),
+    (["--config.mesh.cpu_devices=2"], "", "2 cpu"),
+    (["--config.mesh.cpu_devices=2"], "--xla_force_host_platform_device_count=3", "3 cpu"),  # The environment wins.
+])
+def test_cpu_devices_sets_the_host_device_count_of_a_fresh_process(overrides, xla_flags, expected):
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags)
+  out = subprocess.run([sys.executable, "-c", _DEVICES_PROBE, str(REPO / "experiments" / "digits_tiny.py"), *overrides],
+                       env=env, capture_output=True, text=True, timeout=120, check=True).stdout
+  assert out.strip() == expected
+
+
+def test_cpu_devices_leaves_a_running_backend_alone_and_rejects_negative_counts(tiny_config):
+  import jax
+
+  from vidsim import runtime
+
+  before = jax.device_count()
+  with tiny_config.unlocked():
+    tiny_config.mesh.cpu_devices = before + 1
+  runtime.set_cpu_devices(tiny_config)  # Logs, does not raise: this process's backend is up.
+  assert jax.device_count() == before
+  with tiny_config.unlocked():
+    tiny_config.mesh.cpu_devices = -1
+  with pytest.raises(UsageError, match="mesh.cpu_devices"):
+    runtime.set_cpu_devices(tiny_config)
 
 
 _ALLGATHER_LOOP = """

@@ -1,9 +1,10 @@
 """What every command does around its work: the compilation cache at start, and what a
 process of a multi-process job does when another process is lost.
 
-`start(args, config)` turns on jax's persistent compilation cache
-(`config.compile_cache_dir`, "{workdir}" = the command's --workdir), so a restarted or
-preempted job reads its compiled steps instead of paying the compile again.
+`start(args, config)` sets the CPU backend's device count (`config.mesh.cpu_devices`)
+and turns on jax's persistent compilation cache (`config.compile_cache_dir`,
+"{workdir}" = the command's --workdir), so a restarted or preempted job reads its
+compiled steps instead of paying the compile again.
 
 `exit_if_peer_lost(error)` runs when a command fails with an unexpected error in a job
 of several processes. A dead peer shows up as a failed collective (gloo: "Connection
@@ -18,6 +19,7 @@ import sys
 import threading
 import traceback
 
+from vidsim.errors import UsageError
 from vidsim.log import get_logger
 
 log = get_logger("runtime")
@@ -57,10 +59,31 @@ def cpu_processes(config) -> int:
   return int(config.distributed.num_processes or os.environ.get("VIDSIM_NUM_PROCESSES", "0") or 0)
 
 
+def set_cpu_devices(config) -> None:
+  """config.mesh.cpu_devices host devices on the CPU backend, if it is not up yet (a
+  command's own process). A process whose backend already runs (tests, notebooks) keeps
+  its devices, and a count in XLA_FLAGS (launch/local.sh, tests) wins over the config."""
+  import jax
+
+  count = int(config.mesh.get("cpu_devices", 0) or 0)
+  if count < 0:
+    raise UsageError(f"mesh.cpu_devices must be >= 0 (0 = jax's default), got {count}")
+  if not count:
+    return
+  if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+    log.info("mesh.cpu_devices=%d not applied: XLA_FLAGS sets the device count", count)
+    return
+  try:
+    jax.config.update("jax_num_cpu_devices", count)
+  except RuntimeError:  # jax refuses once a backend is up.
+    log.info("mesh.cpu_devices=%d not applied: jax already runs with %d devices", count, jax.device_count())
+
+
 def start(args, config) -> None:
   """Start-up of every command that has a config: before anything compiles."""
   if config is None:
     return
+  set_cpu_devices(config)
   path = compile_cache_path(config, getattr(args, "workdir", ""))
   if path and cpu_processes(config) > 1:
     # Several CPU processes resuming with executables from the cache failed at their
