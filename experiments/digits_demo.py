@@ -69,8 +69,9 @@ def get_config():
   # diluted (docs/text.md, "Word keys").
   c.text.units = "words"
   c.train.steps = 2000
-  # Two CPU devices, each running half of every batch on its own thread: 1.3-1.4x faster
-  # VAE and DiT steps on 2 cores than one device (docs/benchmarks.md, "Devices per core").
+  # Two CPU devices, each running half of every batch on its own thread: on 2 cores the
+  # VAE step is ~27% shorter than on one device, the DiT's ~6% (docs/benchmarks.md,
+  # "Devices per core").
   c.mesh.cpu_devices = 2
   c.train.rows_per_batch = 8
   c.train.learning_rate = 1e-3

@@ -39,8 +39,8 @@ def base_config() -> ConfigDict:
   c.mesh.ici = ConfigDict(dict(data=-1, fsdp=1, sequence=1, tensor=1))  # Axis sizes in a slice; -1 fills.
   c.mesh.dcn = ConfigDict(dict(data=1, fsdp=1, sequence=1, tensor=1))  # Axis sizes across slices.
   # CPU backend: jax devices per process (jax_num_cpu_devices), each running its share of
-  # the batch on its own thread. At widths of 128-256 XLA:CPU keeps 2 cores busier as 2
-  # data-parallel devices than as one (docs/benchmarks.md, "Devices per core").
+  # the batch on its own thread. At the embedded configs' small widths XLA:CPU keeps 2
+  # cores busier as 2 data-parallel devices than as one (docs/benchmarks.md, "Devices per core").
   # 0 = jax's default: 1, or XLA_FLAGS' --xla_force_host_platform_device_count.
   c.mesh.cpu_devices = 0
   # Logical axis name -> mesh axes (a tuple; () replicates). One table for every model.
