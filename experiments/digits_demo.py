@@ -27,7 +27,7 @@ from vidsim.config import base_config
 
 def get_config():
   c = base_config()
-  # The world of experiments/digits_quality.py, whose model learns to follow its prompts:
+  # As in experiments/digits_quality.py, whose model learns to follow its prompts:
   # one digit a scene (one digit, colour and direction a caption to bind), on paths that
   # stay inside the frame (the caption's direction holds for the whole clip).
   c.moving_digits.max_digits = 1
