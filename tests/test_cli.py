@@ -41,3 +41,20 @@ def test_bench_dit_segments_out_of_range_exits_2(repo_root):
   out = _vidsim("bench", "dit", "--config", str(repo_root / "experiments/digits_tiny.py"), "--config.bench.segments_per_row=0")
   assert out.returncode == 2
   assert "bench.segments_per_row=0: use 1 to 8" in out.stderr
+
+
+def test_bench_dit_rows_that_do_not_split_over_the_devices_exit_2(repo_root):
+  # conftest's XLA_FLAGS give the subprocess 8 CPU devices: 3 rows cannot split over them.
+  out = _vidsim("bench", "dit", "--config", str(repo_root / "experiments/digits_tiny.py"),
+                "--config.train.rows_per_batch=3")
+  assert out.returncode == 2
+  assert "train.rows_per_batch=3 must be a multiple of 8" in out.stderr
+
+
+def test_bench_vae_times_the_batch_the_pipeline_makes_for_the_devices(repo_root, tmp_path):
+  # 12 clips over 8 devices: the training pipeline makes batches of 8, and so does the bench.
+  out = _vidsim("bench", "vae", "--config", str(repo_root / "experiments/digits_tiny.py"), "--out", str(tmp_path / "b.json"),
+                "--config.data.batch_size=12", "--config.bench.warmup=1", "--config.bench.steps=1")
+  assert out.returncode == 0, out.stderr[-2000:]
+  report = json.loads((tmp_path / "b.json").read_text())
+  assert report["devices"] == 8 and report["clips_per_step"] == 8

@@ -28,7 +28,7 @@ from flax import nnx
 from vidsim import malloc
 from vidsim import machine
 from vidsim import mesh as mesh_lib
-from vidsim.data import packing
+from vidsim.data import packing, pipeline
 from vidsim.data.bench import bench_data
 from vidsim.errors import UsageError
 from vidsim.log import get_logger
@@ -177,6 +177,7 @@ def bench_dit(config):
     raise UsageError(f"bench.segments_per_row={segments}: use 1 to {most} (train.max_segments_per_row "
                      f"caption slots, one token a segment at least)")
   mesh = mesh_lib.make_mesh(config)
+  dit_step.check_rows_per_batch(config, mesh)  # As `vidsim train` checks it: exit 2, not a sharding error.
   with mesh_lib.activate(mesh, config):
     _, state, step = _stage_setup(config, mesh, "dit")
     host = synthetic_packed_batch(config, segments_per_row=segments)
@@ -243,6 +244,7 @@ def bench_compare(config, args):
     raise UsageError(f"bench compare: no peer script at {script}; pass --peer PATH or set VIDSIM_PEER")
   arguments = peer_arguments(config)
   mesh = mesh_lib.make_mesh(config)
+  dit_step.check_rows_per_batch(config, mesh)  # As `vidsim train` checks it: exit 2, not a sharding error.
   with mesh_lib.activate(mesh, config):
     _, state, step = _stage_setup(config, mesh, "dit")
     host = synthetic_packed_batch(config)
@@ -274,7 +276,9 @@ def bench_compare(config, args):
 def bench_vae(config):
   mesh = mesh_lib.make_mesh(config)
   frames, height, width = max(config.data.buckets, key=lambda b: b[0] * b[1] * b[2])
-  clips = config.data.batch_size
+  # The global batch the training pipeline makes for that bucket: a multiple of the data-parallel size.
+  clips = pipeline.bucket_batch_sizes([(frames, height, width)], config.data.batch_size,
+                                      config.data.max_batch_multiplier, mesh_lib.data_parallel_size(mesh, config))[0]
   rng = np.random.default_rng(0)
   video = rng.uniform(-1, 1, (clips, frames, height, width, 3)).astype(np.float32)
   with mesh_lib.activate(mesh, config):
