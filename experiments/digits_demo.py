@@ -77,7 +77,12 @@ def get_config():
   # VAE step is ~27% shorter than on one device, the DiT's ~6% (docs/benchmarks.md,
   # "Devices per core").
   c.mesh.cpu_devices = 2
-  c.train.rows_per_batch = 8
+  # Rows of 4 blocks of 48 tokens, one clip (45-48 tokens) or image (15-16) a block: every
+  # batch takes the DiT's blocked path (each clip attends within its own block and reads
+  # only its own caption), 40 samples a step as 8 first-fit rows of 256 held.
+  c.train.row_tokens = 192
+  c.dit.segment_blocks = 4
+  c.train.rows_per_batch = 10
   c.train.learning_rate = 1e-3
   c.train.warmup_steps = 50
   c.train.ema_decay = 0.99

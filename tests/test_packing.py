@@ -140,6 +140,56 @@ def test_segment_limit_per_row(tiny_config):
     assert batch["segment_ids"].max() == 3 and batch["segment_frames"].shape == (8, 3)
 
 
+def test_segment_blocks_put_one_example_at_the_start_of_each_block(tiny_config):
+  """dit.segment_blocks = 2: rows of 64 are two blocks of 32 with one example each, in
+  stream order, so every batch takes the DiT's blocked path; each process reads its rows."""
+  from vidsim.models import dit
+
+  tiny_config.dit.segment_blocks = 2
+  examples = make_examples(100, seed=11)  # 2-20 tokens each.
+  batches = packed(tiny_config, examples)
+  assert len(batches) == 100 // 16
+  order = []
+  for batch in batches:
+    assert bool(dit.segments_in_blocks(batch["segment_ids"], 2, tiny_config.train.max_segments_per_row))
+    for row in range(8):
+      for block in range(2):
+        ids = batch["segment_ids"][row, block * 32 : (block + 1) * 32]
+        n = int(np.count_nonzero(ids))
+        assert (ids[:n] == block + 1).all() and not ids[n:].any()  # Leading, then padding.
+        source = examples[len(order)]
+        tokens, positions = patches.patchify(source["latent"], (1, 2, 2))
+        np.testing.assert_array_equal(batch["tokens"][row, block * 32 : block * 32 + n], tokens)
+        np.testing.assert_array_equal(batch["positions"][row, block * 32 : block * 32 + n], positions)
+        assert caption_of(batch["text_tokens"][row, block]) == f"example {len(order)}"
+        order.append(len(order))
+      assert not batch["text_mask"][row, 2:].any()  # Slots past the blocks stay empty.
+  shares = [packed(tiny_config, examples, process_index=p, process_count=2) for p in range(2)]
+  for whole, first, second in zip(batches, *shares):
+    np.testing.assert_array_equal(np.concatenate([first["tokens"], second["tokens"]]), whole["tokens"])
+
+
+@pytest.mark.parametrize("override, reason", [
+    ({"dit.segment_blocks": 4}, "the largest example has 20 tokens, more than a block of 16"),
+    ({"dit.segment_blocks": 3}, "train.row_tokens=64 is not a multiple of dit.segment_blocks=3"),
+    ({"dit.segment_blocks": 2, "train.max_segments_per_row": 1}, "max_segments_per_row=1 is less than"),
+])
+def test_segment_blocks_that_do_not_apply_fall_back_to_first_fit(tiny_config, caplog, override, reason):
+  for key, value in override.items():
+    section, name = key.split(".")
+    tiny_config[section][name] = value
+  examples = make_examples(100, seed=12)
+  with caplog.at_level("INFO"):
+    batch = packed(tiny_config, examples)[0]
+  assert reason in caplog.text and "first-fit" in caplog.text
+  assert batch["segment_ids"][0].max() > 1 or tiny_config.train.max_segments_per_row == 1
+  tiny_config.dit.segment_blocks = 0
+  assert_same_batch(batch, packed(tiny_config, examples)[0])  # Plain first-fit.
+  with pytest.raises(ValueError, match="use plan_blocks"):
+    packing.PackPlanIterDataset([20], rows=8, row_tokens=64, slots=8, seed=0, shuffle=False, repeat=False,
+                                process_index=0, process_count=1, blocks=4)
+
+
 def test_resume_gives_the_same_next_batches(tiny_config):
   dataset = packing.packed_dataset(make_examples(200, seed=6), tiny_config, shuffle=True, repeat=True)
   iterator = iter(dataset)
@@ -346,9 +396,15 @@ def test_cache_batches_union_over_processes_is_the_one_process_batch(tiny_config
   assert np.abs(got - expected).max() < 0.3 and not np.allclose(got, expected)
 
 
-def test_state_saved_by_two_processes_resumes_on_one_without_repeats_or_gaps(tiny_config, tmp_path):
+@pytest.mark.parametrize("blocks", [0, 2])
+def test_state_saved_by_two_processes_resumes_on_one_without_repeats_or_gaps(tiny_config, tmp_path, blocks):
+  from vidsim.models import dit
+
+  tiny_config.dit.segment_blocks = blocks  # 2: one example per half row.
   manifest = write_cache(tmp_path, tiny_config)
   straight, _ = cached_batches(tiny_config, tmp_path, manifest, batches=12)
+  aligned = [bool(dit.segments_in_blocks(b["segment_ids"], 2, tiny_config.train.max_segments_per_row)) for b in straight]
+  assert all(aligned) if blocks else not all(aligned)
   shares = [cached_batches(tiny_config, tmp_path, manifest, 2, p, batches=5) for p in range(2)]
   states = [json.loads(json.dumps(state)) for _, state in shares]  # As the checkpoint stores them.
   assert states[0] == states[1]

@@ -200,7 +200,9 @@ def base_config() -> ConfigDict:
   # n > 1: when every row of a batch splits into n equal blocks that each hold at most one
   # segment (plus padding), the step runs the rows as n x as many rows of L/n tokens and
   # encodes only the captions those blocks use (models/dit.py); other batches take the
-  # general path (both are compiled). 0: the general path only.
+  # general path (both are compiled). 0: the general path only. The packer then puts one
+  # example at the start of each block when every example fits a block of L/n tokens and
+  # K >= n, so every batch is aligned (data/packing.py, `plan_blocks`).
   c.dit.segment_blocks = 0
   # Where the packed batch has slot_tokens (samples of at most half a row), the general
   # path's cross-attention runs per caption slot: each segment's tokens against its own

@@ -293,7 +293,8 @@ def packed_latents(config, workdir, split, manifest, *, seed, process_index=None
   tokens = np.asarray([packing.token_count(s, patch_size, row_tokens) for s in distinct], np.int64)[inverse.ravel()]
   plans = packing.PackPlanIterDataset(
       tokens, rows=config.train.rows_per_batch, row_tokens=row_tokens, slots=config.train.max_segments_per_row,
-      seed=seed, shuffle=config.data.shuffle, repeat=True, process_index=process_index, process_count=process_count)
+      seed=seed, shuffle=config.data.shuffle, repeat=True, process_index=process_index, process_count=process_count,
+      blocks=packing.plan_blocks(config, tokens))
   text = None
   if config.text.encoder == "precomputed":  # Caption embeddings from `vidsim embed-text`, joined by record index.
     text = text_cache.TextSource(workdir, split, text_cache.load_manifest(workdir, config), manifest)

@@ -9,7 +9,10 @@ frame count) go into K slots, so slot k of a row always belongs to segment k + 1
               (seed, e), EpochOrder); first-fit over the R = train.rows_per_batch rows
               of a batch, using only each example's token count (known from its shape);
               a batch closes when the next example fits no row, and the next batch
-              starts with it (PackPlanIterDataset)
+              starts with it (PackPlanIterDataset). With dit.segment_blocks = n > 1 and
+              every example at most L/n tokens, each row is n blocks of L/n tokens with
+              one example each (`plan_blocks`), so every batch takes the DiT's blocked
+              path (vidsim/models/dit.py)
     this process   takes rows [p*R/P, (p+1)*R/P) of each planned batch
     load      reads only those rows' examples, patchifies them and lays the rows out
 
@@ -47,6 +50,9 @@ import numpy as np
 
 from vidsim import patches
 from vidsim.errors import UsageError
+from vidsim.log import get_logger
+
+log = get_logger(__name__)
 
 # Per-segment text features of each text encoder (K slots per row).
 _TEXT_FEATURES = {"bytes": ("text_tokens", "text_mask"), "precomputed": ("text_embeddings", "text_mask")}
@@ -174,6 +180,37 @@ def _segment_text(example, config):
 # ------------------------------------------------------------------ the global plan
 
 
+def plan_blocks(config, record_tokens) -> int:
+  """Blocks per row for the planner: dit.segment_blocks = n when it applies to every
+  example (n > 1, L % n == 0, each example at most L/n tokens, K >= n), else 1 (plain
+  first-fit, logged when n was asked for).
+
+  Aligned blocks hold one example each, so the DiT runs every batch as R x n rows of
+  L/n tokens, each attending to its own caption only (its blocked path). First-fit over
+  whole rows puts clips of unequal lengths across block boundaries, and those batches
+  take the general path: the L x L square of each row and a caption slot per segment
+  per block. A block holds one example however short it is: an image of 16 tokens in a
+  48-token block leaves 32 as padding, which the blocked path still computes.
+  """
+  n = int(config.dit.get("segment_blocks", 0))
+  if n <= 1:
+    return 1
+  row_tokens, slots = config.train.row_tokens, config.train.max_segments_per_row
+  largest = int(np.max(record_tokens, initial=0))
+  reason = None
+  if row_tokens % n:
+    reason = f"train.row_tokens={row_tokens} is not a multiple of dit.segment_blocks={n}"
+  elif largest > row_tokens // n:
+    reason = f"the largest example has {largest} tokens, more than a block of {row_tokens // n}"
+  elif slots < n:
+    reason = f"train.max_segments_per_row={slots} is less than dit.segment_blocks={n}"
+  if reason:
+    log.info("packing: first-fit over whole rows, not one example per block: %s; batches take the "
+             "DiT's blocked path only where they happen to be aligned", reason)
+    return 1
+  return n
+
+
 def plan_batch(order, record_tokens, position: int, *, rows: int, row_tokens: int, slots: int, end=None):
   """First-fit of the stream from `position` into one batch of `rows` rows.
 
@@ -251,10 +288,13 @@ class PackPlanIterDataset(grain.IterDataset):
   """Stream of this process's share of globally planned packed batches (module docstring).
 
   Elements: dict(start=first stream position of the batch, rows=[[(position, record,
-  tokens), ...] per row of this process]). State: {"position": next batch's start}.
+  tokens), ...] per row of this process], block_tokens=0, or L/blocks where each row is
+  `blocks` blocks with the i-th example of the row at the start of block i).
+  State: {"position": next batch's start}.
   """
 
-  def __init__(self, record_tokens, *, rows, row_tokens, slots, seed, shuffle, repeat, process_index, process_count):
+  def __init__(self, record_tokens, *, rows, row_tokens, slots, seed, shuffle, repeat, process_index, process_count,
+               blocks=1):
     super().__init__()
     self.record_tokens = np.asarray(record_tokens, np.int64)
     if self.record_tokens.size == 0:
@@ -267,7 +307,9 @@ class PackPlanIterDataset(grain.IterDataset):
       raise UsageError(f"train.rows_per_batch={rows} must be a positive multiple of the process count {process_count}")
     if not 0 <= process_index < process_count:
       raise UsageError(f"process_index={process_index} is not in [0, {process_count})")
-    self.rows, self.row_tokens, self.slots = rows, row_tokens, slots
+    if blocks > 1 and (row_tokens % blocks or self.record_tokens.max() > row_tokens // blocks or slots < blocks):
+      raise ValueError(f"{blocks} blocks per row do not apply to these examples: use plan_blocks")
+    self.rows, self.row_tokens, self.slots, self.blocks = rows, row_tokens, slots, int(blocks)
     self.seed, self.shuffle, self.repeat = int(seed), bool(shuffle), bool(repeat)
     self.process_index, self.process_count = process_index, process_count
 
@@ -275,7 +317,8 @@ class PackPlanIterDataset(grain.IterDataset):
     return _PackPlanIterator(self)
 
   def __str__(self):
-    return f"PackPlanIterDataset(rows={self.rows}, row_tokens={self.row_tokens}, slots={self.slots})"
+    return (f"PackPlanIterDataset(rows={self.rows}, row_tokens={self.row_tokens}, slots={self.slots}, "
+            f"blocks={self.blocks})")
 
 
 class _PackPlanIterator(grain.DatasetIterator):
@@ -289,10 +332,16 @@ class _PackPlanIterator(grain.DatasetIterator):
 
   def __next__(self):
     ds = self._ds
-    members, next_position = plan_batch(self._order, ds.record_tokens, self._position, rows=ds.rows,
-                                        row_tokens=ds.row_tokens, slots=ds.slots, end=self._end)
+    n = ds.blocks
+    # Blocks: first-fit over R x n sub-rows of one example each; sub-row j is block j % n
+    # of row j // n. A batch closes only when every block is taken.
+    members, next_position = plan_batch(self._order, ds.record_tokens, self._position, rows=ds.rows * n,
+                                        row_tokens=ds.row_tokens // n, slots=ds.slots if n == 1 else 1,
+                                        end=self._end)
     if members is None:  # A finite stream ended inside a batch: drop the partial batch.
       raise StopIteration
+    if n > 1:
+      members = [sum(members[r * n : (r + 1) * n], []) for r in range(ds.rows)]
     start, self._position = self._position, next_position
     share = ds.rows // ds.process_count
     mine = members[ds.process_index * share : (ds.process_index + 1) * share]
@@ -300,7 +349,7 @@ class _PackPlanIterator(grain.DatasetIterator):
     for row in mine:
       records = [int(self._order[p]) for p in row]
       rows.append([(p, r, int(ds.record_tokens[r])) for p, r in zip(row, records)])
-    return dict(start=start, rows=rows)
+    return dict(start=start, rows=rows, block_tokens=ds.row_tokens // n if n > 1 else 0)
 
   def get_state(self):
     return {"position": self._position}
@@ -339,12 +388,13 @@ class PackRows(grain.transforms.Map):
     for row in plan["rows"]:
       rows.append(segments[at : at + len(row)])
       at += len(row)
-    return layout_rows(rows, self._config, self._capacity)
+    return layout_rows(rows, self._config, self._capacity, block_tokens=plan.get("block_tokens", 0))
 
 
-def layout_rows(rows, config, capacity: int = 0):
+def layout_rows(rows, config, capacity: int = 0, block_tokens: int = 0):
   """Lists of segments (from _packable) per row -> the host batch format (module docstring);
-  with `slot_tokens` [R, K, capacity] when capacity > 0 (`slot_capacity`)."""
+  with `slot_tokens` [R, K, capacity] when capacity > 0 (`slot_capacity`). Segments follow
+  each other, or with block_tokens > 0 the k-th starts at k * block_tokens."""
   row_tokens, slots = config.train.row_tokens, config.train.max_segments_per_row
   first = rows[0][0]
   batch = {
@@ -359,6 +409,8 @@ def layout_rows(rows, config, capacity: int = 0):
     at = 0
     for k, segment in enumerate(segments):
       n = len(segment["tokens"])
+      if block_tokens:
+        at = k * block_tokens
       batch["tokens"][r, at : at + n] = segment["tokens"]
       batch["positions"][r, at : at + n] = segment["positions"]
       batch["segment_ids"][r, at : at + n] = k + 1
@@ -382,7 +434,8 @@ def packed_dataset(examples, config, *, process_index=0, process_count=1, seed=0
   tokens = [token_count(np.shape(_latent(examples[i])), patch_size, row_tokens) for i in range(len(examples))]
   plans = PackPlanIterDataset(
       tokens, rows=config.train.rows_per_batch, row_tokens=row_tokens, slots=config.train.max_segments_per_row,
-      seed=seed, shuffle=shuffle, repeat=repeat, process_index=process_index, process_count=process_count)
+      seed=seed, shuffle=shuffle, repeat=repeat, process_index=process_index, process_count=process_count,
+      blocks=plan_blocks(config, tokens))
   capacity = slot_capacity(max(tokens, default=0), row_tokens)
   return plans.map(PackRows(lambda positions, records: [examples[r] for r in records], config, capacity))
 
