@@ -175,7 +175,9 @@ def _ode(config, graphdef, params, eps, x_init, clean, x_clean, positions, segme
     pos, seg, row_text = rows
     # Merged here, inside the ODE loop body: NNX modules must live at the trace level they run in.
     model = nnx.merge(graphdef, params)
-    return model(x, t, pos, seg, row_text, drop_text)
+    # One sample a row: never in dit.segment_blocks' blocks, so the general path alone is
+    # compiled (the "auto" choice would compile the blocked one too and check every step).
+    return model(x, t, pos, seg, row_text, drop_text, path="dense")
 
   velocity = flow.cfg_velocity(model_fn, guidance, row_inputs=(positions, segment_ids, text))
   t_grid = flow.sample_time_grid(steps, x_init.shape[1], config, start_t)
