@@ -2,21 +2,20 @@
 
 Command:
   make demo                      # = vidsim demo --config experiments/digits_demo.py --workdir runs/demo
-Expected runtime: 28.6 minutes (1,714 s) for `vidsim demo` from an empty workdir and data
+Expected runtime: 24.0 minutes (1,438 s) for `vidsim demo` from an empty workdir and data
 directory on 2 cores of an AMD EPYC (Zen 4, `lscpu` family 25 model 17, AVX-512), nothing
-else running, in-process matmul rate 184-209 GFLOP/s (`vidsim bench` the same day):
-dataset 9 s, VAE 2,000 steps 542 s, latent cache 33 s, DiT 3,000 steps 1,103 s (0.37 s a
-step), ten sampling tasks 19 s, the probe 8 s, report < 1 s.
+else running, in-process matmul rate 172-204 GFLOP/s (`vidsim bench` the same day):
+dataset 10 s, VAE 2,000 steps 558 s, latent cache 43 s, DiT 3,000 steps 794 s (0.24 s a
+step), ten sampling tasks 25 s, the probe 8 s, report < 1 s.
 Expected result: VAE 28.3 dB PSNR over the whole validation split (EMA); DiT flow loss
-1.87 -> 0.42, packing efficiency 0.95; probe 10/20 digit, 20/20 colour, 18/20 direction
+2.02 -> 0.41, packing efficiency 0.86; probe 12/20 digit, 20/20 colour, 19/20 direction
 (the scorer reads true clips at 0.93 / 1.00 / 0.97).
 The samples are digit-shaped strokes in the prompt's colour that move in the prompt's
-direction and are the prompt's digit about half of the time: this config shows the
+direction and are the prompt's digit more than half of the time: this config shows the
 pipeline working end to end, not sample quality (experiments/digits_quality.py does).
-At step 3,000 the held-out loss at t = 0.9 rises by 0.228 without the caption, by 0.343
-with the direction flipped and by 0.020 with the digit changed (0.027 at t = 0.6). With
-2,000 steps (--config.train.steps=2000) the demo took 20.6 minutes and its probe read
-5/20, 20/20, 10/20. What the world's settings below did is in docs/generate.md ("The
+At step 3,000 the held-out loss at t = 0.9 rises by 0.210 without the caption, by 0.412
+with the direction flipped and by 0.022 with the digit changed (0.038 at t = 0.6). What
+the world's settings, the packing and the schedule below did is in docs/generate.md ("The
 demo and its report").
 """
 
@@ -53,8 +52,8 @@ def get_config():
   c.vae_train.log_every = 20
   c.vae_train.checkpoint_every = 250
   c.vae_train.recon_every = 250
-  # DiT: small enough for 3,000 steps in 16-19 minutes on the Zen 4 (0.31-0.37 s a step
-  # at a matmul rate of ~200 GFLOP/s).
+  # DiT: small enough for 3,000 steps in 12.5-13.5 minutes on the Zen 4 (0.22-0.25 s a
+  # step at a matmul rate of ~200 GFLOP/s, on the blocks below).
   c.dit.width = 128
   c.dit.depth = 4
   c.dit.heads = 4
