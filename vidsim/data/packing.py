@@ -195,20 +195,24 @@ def plan_blocks(config, record_tokens) -> int:
   n = int(config.dit.get("segment_blocks", 0))
   if n <= 1:
     return 1
-  row_tokens, slots = config.train.row_tokens, config.train.max_segments_per_row
-  largest = int(np.max(record_tokens, initial=0))
-  reason = None
-  if row_tokens % n:
-    reason = f"train.row_tokens={row_tokens} is not a multiple of dit.segment_blocks={n}"
-  elif largest > row_tokens // n:
-    reason = f"the largest example has {largest} tokens, more than a block of {row_tokens // n}"
-  elif slots < n:
-    reason = f"train.max_segments_per_row={slots} is less than dit.segment_blocks={n}"
+  reason = _blocks_problem(n, config.train.row_tokens, config.train.max_segments_per_row, record_tokens)
   if reason:
     log.info("packing: first-fit over whole rows, not one example per block: %s; batches take the "
              "DiT's blocked path only where they happen to be aligned", reason)
     return 1
   return n
+
+
+def _blocks_problem(n, row_tokens, slots, record_tokens):
+  """Why n blocks a row of one example each cannot hold these examples, or None."""
+  largest = int(np.max(record_tokens, initial=0))
+  if row_tokens % n:
+    return f"train.row_tokens={row_tokens} is not a multiple of dit.segment_blocks={n}"
+  if largest > row_tokens // n:
+    return f"the largest example has {largest} tokens, more than a block of {row_tokens // n}"
+  if slots < n:
+    return f"train.max_segments_per_row={slots} is less than dit.segment_blocks={n}"
+  return None
 
 
 def plan_batch(order, record_tokens, position: int, *, rows: int, row_tokens: int, slots: int, end=None):
@@ -307,8 +311,9 @@ class PackPlanIterDataset(grain.IterDataset):
       raise UsageError(f"train.rows_per_batch={rows} must be a positive multiple of the process count {process_count}")
     if not 0 <= process_index < process_count:
       raise UsageError(f"process_index={process_index} is not in [0, {process_count})")
-    if blocks > 1 and (row_tokens % blocks or self.record_tokens.max() > row_tokens // blocks or slots < blocks):
-      raise ValueError(f"{blocks} blocks per row do not apply to these examples: use plan_blocks")
+    problem = blocks > 1 and _blocks_problem(blocks, row_tokens, slots, self.record_tokens)
+    if problem:
+      raise ValueError(f"{blocks} blocks per row do not apply to these examples ({problem}): use plan_blocks")
     self.rows, self.row_tokens, self.slots, self.blocks = rows, row_tokens, slots, int(blocks)
     self.seed, self.shuffle, self.repeat = int(seed), bool(shuffle), bool(repeat)
     self.process_index, self.process_count = process_index, process_count
