@@ -38,6 +38,7 @@ from vidsim.models import t5_loader
 from vidsim.models import text as text_lib
 from vidsim.models import vae as vae_lib
 from vidsim.models.dit import patch_features, per_slot_enabled
+from vidsim.quick_jit import quick_jit
 from vidsim.train import checkpoint as ckpt_lib
 from vidsim.train import dit_step
 from vidsim.train.metrics import measure_matmul_flops_per_s, published_peak_flops_per_s
@@ -165,7 +166,7 @@ def synthetic_packed_batch(config, rows=None, segments_per_row=2, seed=0):
 def _stage_setup(config, mesh, name):
   """A stage's real train state (on the mesh) and its jitted train step."""
   stage = assemble(config, mesh, name)
-  state = jax.jit(stage.init_state, out_shardings=stage.state_shardings)()
+  state = quick_jit(stage.init_state, out_shardings=stage.state_shardings)()  # Runs once.
   step = jax.jit(stage.train_step, out_shardings=(stage.state_shardings, None), donate_argnums=0)
   return stage, state, step
 

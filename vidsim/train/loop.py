@@ -24,6 +24,7 @@ from vidsim import config as config_lib
 from vidsim import mesh as mesh_lib
 from vidsim.errors import StoppedError, UsageError
 from vidsim.log import get_logger, is_chief, progress
+from vidsim.quick_jit import quick_jit
 from vidsim.train import goodput
 from vidsim.train.checkpoint import Checkpointer, abstract_like, restore_weights
 from vidsim.train.metrics import MetricsWriter, StepTimer, peak_flops_per_s
@@ -143,7 +144,7 @@ def run(spec: StageSpec, config, workdir, mesh):
       log.info("%s: resuming from step %d (%s)", spec.name, latest, checkpointer.directory)
       state = checkpointer.restore(latest, abstract_state, spec.data_iter)
     else:
-      state = jax.jit(spec.init_state, out_shardings=spec.state_shardings)()
+      state = quick_jit(spec.init_state, out_shardings=spec.state_shardings)()
       if config.init_from:
         state = _load_weights(state, config.init_from, spec)
     step = int(mesh_lib.to_host(state["step"]))

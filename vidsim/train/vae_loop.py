@@ -19,6 +19,7 @@ from vidsim.data.video_io import write_video
 from vidsim.eval import vae as vae_eval
 from vidsim.log import get_logger, is_chief
 from vidsim.models import vae as vae_lib
+from vidsim.quick_jit import quick_jit
 from vidsim.train import loop
 from vidsim.train.stage import assemble
 
@@ -54,7 +55,7 @@ def train_vae(config, workdir, mesh):
 
     # ------------------------------------------------------------ hooks
     stage_dir = epath.Path(workdir) / STAGE
-    reconstruct = jax.jit(lambda params, video: nnx.merge(graphdef, params).decode(
+    reconstruct = quick_jit(lambda params, video: nnx.merge(graphdef, params).decode(
         nnx.merge(graphdef, params).encode(video)[0]))
 
     def write_reconstruction(state, step):
