@@ -9,6 +9,7 @@ PYTEST_ARGS ?=
 # own jax runtime and compiled programs; some tests start jax processes of their own).
 # Much of a test's time is XLA compiling on one thread, so workers overlap it. Each
 # test file runs in one worker (its module fixtures are built once).
+# Files are handed out in the order tests/conftest.py collects them: slow ones first.
 PYTEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
 
 .PHONY: demo test venv venv-test clean
@@ -37,7 +38,7 @@ demo: venv
 # GLIBC_TUNABLES: what the vidsim command sets for itself (vidsim/malloc.py), for the
 # in-process tests too.
 test: venv-test
-	GLIBC_TUNABLES=glibc.malloc.hugetlb=1 $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS); rc=$$?; \
+	GLIBC_TUNABLES=glibc.malloc.hugetlb=1 $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5)"; fi; \
 	exit $$rc
 
