@@ -2,19 +2,19 @@
 
 Command:
   make demo                      # = vidsim demo --config experiments/digits_demo.py --workdir runs/demo
-Expected runtime: 24.0 minutes (1,438 s) for `vidsim demo` from an empty workdir and data
+Expected runtime: 23.3 minutes (1,400 s) for `vidsim demo` from an empty workdir and data
 directory on 2 cores of an AMD EPYC (Zen 4, `lscpu` family 25 model 17, AVX-512), nothing
-else running, in-process matmul rate 172-204 GFLOP/s (`vidsim bench` the same day):
-dataset 10 s, VAE 2,000 steps 558 s, latent cache 43 s, DiT 3,000 steps 794 s (0.24 s a
-step), ten sampling tasks 25 s, the probe 8 s, report < 1 s.
-Expected result: VAE 28.3 dB PSNR over the whole validation split (EMA); DiT flow loss
-2.02 -> 0.41, packing efficiency 0.86; probe 12/20 digit, 20/20 colour, 19/20 direction
+else running, in-process matmul rate 177-209 GFLOP/s (`vidsim bench` the same day):
+dataset 8 s, VAE 2,000 steps 520 s, latent cache 40 s, DiT 3,000 steps 807 s (0.25 s a
+step), ten sampling tasks 20 s, the probe 6 s, report < 1 s.
+Expected result: VAE 28.2 dB PSNR over the whole validation split (EMA); DiT flow loss
+2.00 -> 0.42, packing efficiency 0.86; probe 12/20 digit, 20/20 colour, 19/20 direction
 (the scorer reads true clips at 0.93 / 1.00 / 0.97).
 The samples are digit-shaped strokes in the prompt's colour that move in the prompt's
 direction and are the prompt's digit more than half of the time: this config shows the
 pipeline working end to end, not sample quality (experiments/digits_quality.py does).
-At step 3,000 the held-out loss at t = 0.9 rises by 0.210 without the caption, by 0.412
-with the direction flipped and by 0.022 with the digit changed (0.038 at t = 0.6). What
+At step 3,000 the held-out loss at t = 0.9 rises by 0.191 without the caption, by 0.327
+with the direction flipped and by 0.014 with the digit changed (0.033 at t = 0.6). What
 the world's settings, the packing and the schedule below did is in docs/generate.md ("The
 demo and its report").
 """
