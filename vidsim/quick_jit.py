@@ -3,8 +3,8 @@
 A train state's initializer runs once; the VAE's validation reconstruction runs on one
 batch every few hundred steps. On XLA:CPU their cost is the compile, most of it LLVM
 optimising code that barely runs. With LLVM at -O0 and the elemental emitters in place
-of the MLIR fusion emitters, the demo's VAE and DiT state initializers compile in 1.0-1.4 s
-instead of 6-7 s (docs/benchmarks.md, "Compile time"). The code those options emit runs
+of the MLIR fusion emitters, the demo's VAE and DiT state initializers compile in
+1.0-1.4 s instead of 6-7 s (docs/benchmarks.md, "Compile time"). The code those options emit runs
 slower (a 50-step sample of 8 clips of 33 frames: 26-31 s -> 61-70 s), so whatever runs
 on real amounts of data (train steps, the latent cache's encoder, evaluation over a
 split, the sampler) keeps XLA's defaults. On TPU and GPU this is plain jax.jit: the
